@@ -1,0 +1,1 @@
+"""Converters: one module per serving format, each behind one ``export(src, out, **options)`` function."""

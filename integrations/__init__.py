@@ -1,0 +1,1 @@
+"""Integrations with transformers and optimum-cli."""

@@ -1,0 +1,15 @@
+"""sparsegpt-export: SparseGPT pruning (2:4, 4:8, N:M, unstructured) with joint low-bit quantization, and
+exports that serving stacks load."""
+from .calibration import CalibrationError, get_calibration_data
+from .config import ConfigError, SparseGPTConfig, parse_pattern
+from .driver import CompressionResult, LayerRecord, UnsupportedModelError, compress_model, find_blocks
+from .quantizer import SparseGPTQuantizer
+from .solver import HessianAccumulator, SolverError, magnitude_prune, sparsegpt_solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError", "CompressionResult", "ConfigError", "HessianAccumulator", "LayerRecord", "SolverError",
+    "SparseGPTConfig", "SparseGPTQuantizer", "UnsupportedModelError", "compress_model", "find_blocks",
+    "get_calibration_data", "magnitude_prune", "parse_pattern", "sparsegpt_solve", "__version__",
+]

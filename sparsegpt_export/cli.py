@@ -1,0 +1,202 @@
+"""``sparsegpt-export``: compress, evaluate (and, through the converters, export) from the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+EXIT_USAGE = 2
+
+
+def _bits(v: str) -> Optional[int]:
+    if v.lower() in ("none", "0", "16", "32", "no"):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bits: {v!r} is not an integer 2..8 or 'none'") from None
+
+
+def _group(v: str) -> Optional[int]:
+    if v.lower() in ("none", "-1", "channel", "per-channel"):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--group-size: {v!r} is not an integer or -1 (per channel)") from None
+
+
+def _rows(v: str) -> tuple[int, int]:
+    try:
+        a, b = v.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--rows: {v!r} is not START:END") from None
+
+
+def add_compress_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="local checkpoint folder, hub name, or 'smollm2-135m' (the built-in default model)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--pattern", default="2:4", help="2:4, 4:8, any N:M (N kept of M), unstructured, or dense (default 2:4)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (default 0.5)")
+    p.add_argument("--bits", type=_bits, default=4, help="joint quantization bits 2..8, or 'none' (default 4)")
+    p.add_argument("--group-size", type=_group, default=128, help="quantization group size, or -1 per channel (default 128)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    g.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
+    p.add_argument("--dataset", default="c4", help="c4, wikitext2, ptb, or a .txt/.jsonl/.parquet/.safetensors file")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean(diag H) (default 0.01)")
+    p.add_argument("--blocksize", type=int, default=128, help="lazy-update block size B (default 128)")
+    p.add_argument("--mask-blocksize", type=int, default=128, help="adaptive mask block Bs, unstructured (default 128)")
+    p.add_argument("--hessian-dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--calib-batch-size", type=int, default=None, help="windows per block forward (default: all that fit)")
+    p.add_argument("--targets", action="append", default=[], help="regex of module names to compress (repeatable)")
+    p.add_argument("--ignore", action="append", default=[], help="regex of module names to leave alone (repeatable)")
+    p.add_argument("--on-incompatible", choices=["skip", "error"], default="skip",
+                   help="a layer whose columns are not a multiple of M: skip it with a warning (default) or fail")
+    p.add_argument("--no-fit-scales", dest="fit_scales_to_kept", action="store_false",
+                   help="fit each group's grid to all its weights instead of only the kept ones")
+    p.add_argument("--no-clip-search", dest="clip_search", action="store_false", help="plain min/max grid, no clipping search")
+    p.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    p.add_argument("--dtype", default="auto", help="dtype to load the model in (default: the checkpoint's)")
+    p.add_argument("--config", default=None, help="a sparsegpt_config.json to start from (flags given override it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+_CONFIG_KEYS = ("pattern", "sparsity", "bits", "group_size", "sym", "damp", "blocksize", "mask_blocksize",
+                "hessian_dtype", "fit_scales_to_kept", "clip_search", "scale_dtype", "targets", "ignore",
+                "on_incompatible", "dataset", "nsamples", "seqlen", "seed", "calib_batch_size", "device")
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    from .config import SparseGPTConfig
+    from .io import check_writable
+    from .quantizer import SparseGPTQuantizer
+
+    values = {k: getattr(args, k) for k in _CONFIG_KEYS}
+    if args.config:
+        base = SparseGPTConfig.from_json_file(args.config).to_dict()
+        # flags left at their defaults do not override the file
+        parser_defaults = _compress_defaults()
+        values = {**base, **{k: v for k, v in values.items() if v != parser_defaults.get(k)}}
+    config = SparseGPTConfig.from_dict(values)
+    check_writable(args.out, overwrite=args.overwrite or args.resume)
+    t0 = time.perf_counter()
+    q = SparseGPTQuantizer.from_pretrained(args.model, config=config, dtype=None if args.dtype == "auto" else args.dtype)
+    q.dataset = args.dataset
+    t_load = time.perf_counter() - t0
+    out = q.quantize(args.out, overwrite=args.overwrite or args.resume, progress=args.progress, resume=args.resume)
+    s = q.report["summary"]
+    print(
+        f"compressed {s['layers_compressed']} layers ({s['layers_skipped']} skipped) of {args.model} to "
+        f"{config.pattern}{'' if config.bits is None else f' + {config.bits}-bit'}: sparsity {s['weighted_sparsity']:.4f}, "
+        f"mean relative error {s['mean_rel_error']:.4g}; load {t_load:.1f} s, compress {s['wall_s']:.1f} s, "
+        f"total {time.perf_counter() - t0:.1f} s -> {out}"
+    )
+    for w in q.report["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def _compress_defaults() -> dict[str, Any]:
+    p = argparse.ArgumentParser()
+    add_compress_args(p)
+    return vars(p.parse_args(["m", "--out", "o"]))
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a checkpoint folder (e.g. the output of compress), hub name or 'smollm2-135m'")
+    p.add_argument("--dataset", required=True, help="wikitext2, c4, ptb, or a .txt/.jsonl/.parquet file")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--windows", type=int, default=None, help="number of windows (default: all)")
+    p.add_argument("--rows", type=_rows, default=None, help="START:END rows of a .jsonl/.parquet file (e.g. 1000:2000)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the result as JSON to this file")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .calibration import load_eval_text
+    from .driver import resolve_device
+    from .evaluation import perplexity
+    from .models import load_model
+
+    model, tok = load_model(args.model, dtype=None if args.dtype == "auto" else args.dtype)
+    dev = resolve_device(args.device)
+    model.to(dev)
+    text = load_eval_text(args.dataset, args.rows)
+    r = perplexity(model, tok, text, seqlen=args.seqlen, windows=args.windows, device=str(dev), progress=args.progress)
+    r.update(model=args.model, dataset=str(args.dataset))
+    print(f"perplexity {r['ppl']:.4f} on {args.dataset} ({r['windows']} windows x {r['seqlen']} tokens)")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "compress": ("prune (and quantize) a causal LM with SparseGPT", add_compress_args, run_compress),
+    "eval": ("perplexity with the SparseGPT/GPTQ protocol", add_eval_args, run_eval),
+}
+
+
+def register_extra_commands() -> None:
+    """Commands that live beside the core (export, run) register themselves here when importable."""
+    try:
+        from .converters import cli as conv_cli  # noqa: F401
+    except ImportError:
+        pass
+
+
+def build_parser(prog: str = "sparsegpt-export") -> argparse.ArgumentParser:
+    register_extra_commands()
+    parser = argparse.ArgumentParser(prog=prog, description="SparseGPT pruning + joint quantization and serving exports")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(func=run)
+    return parser
+
+
+def handle_errors(fn: Callable[[], int]) -> int:
+    from .calibration import CalibrationError
+    from .config import ConfigError
+    from .driver import UnsupportedModelError
+    from .io import OutputError
+    from .models import ModelNotFoundError
+    from .solver import SolverError
+
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        print("sparsegpt-export: interrupted; nothing was written to --out (rerun with --resume to continue)", file=sys.stderr)
+        return 130
+    except (ConfigError, CalibrationError, UnsupportedModelError, OutputError, ModelNotFoundError, SolverError,
+            FileNotFoundError, ValueError) as e:
+        print(f"sparsegpt-export: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    return handle_errors(lambda: args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""`SparseGPTConfig`: the one validated description of a compression run.
+
+It round-trips through JSON (`to_dict` / `from_dict` / `to_json_file` / `from_json_file`) and is written
+beside every checkpoint as `sparsegpt_config.json`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """An option of `SparseGPTConfig` is out of range; the message names the option."""
+
+
+_PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """`"2:4"` -> `(2, 4)`: at most N nonzeros in every M consecutive input weights; `(0, 0)` for unstructured."""
+    if pattern in ("unstructured", "dense"):
+        return (0, 0)
+    m = _PATTERN_RE.match(str(pattern))
+    if not m:
+        raise ConfigError(
+            f"pattern: {pattern!r} is not 'unstructured', 'dense' or 'N:M' (e.g. '2:4', '4:8')"
+        )
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not (0 < n < mm):
+        raise ConfigError(
+            f"pattern: {pattern!r} must keep N nonzeros out of every M with 0 < N < M (N:M counts the kept "
+            "weights, as NVIDIA's 2:4 does)"
+        )
+    return n, mm
+
+
+@dataclass
+class SparseGPTConfig:
+    """Everything that decides the compressed weights.
+
+    pattern: ``"2:4"``, ``"4:8"``, any ``"N:M"`` (N kept of every M consecutive input weights),
+        ``"unstructured"`` (at ``sparsity``) or ``"dense"`` (no pruning: quantization only, GPTQ-style).
+    sparsity: fraction of weights removed for ``unstructured``; fixed to ``1 - N/M`` for N:M.
+    bits: 2..8 for joint quantization of the kept weights, or ``None`` for no quantization.
+    group_size: quantization group along the input dimension (e.g. 32/64/128), or ``None``/``-1`` per channel.
+    sym: symmetric grid (codes ``0..2^b-1`` around the fixed zero point ``2^(b-1)``) or asymmetric.
+    """
+
+    pattern: str = "2:4"
+    sparsity: float = 0.5
+    bits: Optional[int] = 4
+    group_size: Optional[int] = 128
+    sym: bool = True
+    damp: float = 0.01
+    blocksize: int = 128
+    mask_blocksize: int = 128
+    hessian_dtype: str = "float32"
+    fit_scales_to_kept: bool = True
+    clip_search: bool = True
+    scale_dtype: Optional[str] = None
+    targets: list[str] = field(default_factory=list)
+    ignore: list[str] = field(default_factory=list)
+    on_incompatible: str = "skip"
+    dataset: Optional[str] = "c4"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    calib_batch_size: Optional[int] = None
+    device: Optional[str] = None
+    format_version: int = 1
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        n, m = parse_pattern(self.pattern)
+        if n:
+            self.pattern = f"{n}:{m}"
+            self.sparsity = 1.0 - n / m
+        elif self.pattern == "dense":
+            self.sparsity = 0.0
+        else:
+            if not isinstance(self.sparsity, (int, float)) or not (0.0 <= float(self.sparsity) < 1.0):
+                raise ConfigError(f"sparsity: {self.sparsity!r} must lie in [0, 1)")
+            self.sparsity = float(self.sparsity)
+        if self.bits is not None:
+            if not isinstance(self.bits, int) or not (2 <= self.bits <= 8):
+                raise ConfigError(f"bits: {self.bits!r} must be an integer in 2..8, or None for no quantization")
+        if self.group_size in (-1, 0):
+            self.group_size = None
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ConfigError(f"group_size: {self.group_size!r} must be a positive integer, or -1/None per channel")
+        if not (isinstance(self.damp, (int, float)) and 0.0 < self.damp < 1e6):
+            raise ConfigError(f"damp: {self.damp!r} must be a positive number (default 0.01)")
+        for name in ("blocksize", "mask_blocksize", "nsamples", "seqlen"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}: {v!r} must be a positive integer")
+        if self.calib_batch_size is not None and (not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1):
+            raise ConfigError(f"calib_batch_size: {self.calib_batch_size!r} must be a positive integer or None (auto)")
+        if self.hessian_dtype not in ("float32", "float64"):
+            raise ConfigError(f"hessian_dtype: {self.hessian_dtype!r} must be 'float32' or 'float64'")
+        if self.scale_dtype not in (None, "float16", "bfloat16", "float32"):
+            raise ConfigError(f"scale_dtype: {self.scale_dtype!r} must be float16, bfloat16, float32 or None (auto)")
+        if self.on_incompatible not in ("skip", "error"):
+            raise ConfigError(f"on_incompatible: {self.on_incompatible!r} must be 'skip' or 'error'")
+        for name in ("targets", "ignore"):
+            v = getattr(self, name)
+            if isinstance(v, str):
+                v = [v]
+                setattr(self, name, v)
+            for rx in v:
+                try:
+                    re.compile(rx)
+                except re.error as e:
+                    raise ConfigError(f"{name}: {rx!r} is not a valid regular expression ({e})") from None
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed: {self.seed!r} must be an integer")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def nm(self) -> tuple[int, int]:
+        return parse_pattern(self.pattern)
+
+    @property
+    def prunes(self) -> bool:
+        return self.pattern != "dense" and (self.nm[0] > 0 or self.sparsity > 0)
+
+    # ------------------------------------------------------------------ JSON round trip
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SparseGPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; known: {sorted(known)}")
+        if int(d.get("format_version", 1)) > cls.format_version:
+            raise ConfigError(
+                f"format_version {d['format_version']} is newer than this sparsegpt-export understands "
+                f"({cls.format_version}); upgrade the package"
+            )
+        return cls(**d)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_json_file(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json_string() + "\n")
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "SparseGPTConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d)

@@ -1,0 +1,564 @@
+"""Walk a Hugging Face decoder block by block and compress its linear layers with the solver.
+
+Knows transformers' module shapes, nothing of file formats. The schedule:
+
+1. capture the inputs of the first block (hidden states and every keyword argument: masks, position
+   embeddings, cache off) by running the model up to it;
+2. per block, on the compute device: every linear layer is compressed as soon as its calibration inputs are
+   complete, and the block's forward goes on with the compressed weight. With all calibration windows in
+   one forward this is a single pass per block in which each layer sees the outputs of the already
+   compressed layers before it (attention inputs, attention output, MLP in, MLP out). When the windows must be
+   chunked, the same order is kept by one (early-stopped) forward per group of layers that share an input;
+3. the block's outputs on the compressed weights feed the next block.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import ConfigError, SparseGPTConfig
+from .quant import QuantSpec
+from .solver import HessianAccumulator, SolveResult, SolverError, sparsegpt_solve
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no stack of decoder blocks this driver can find."""
+
+
+class _StopForward(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- model anatomy
+# Where the decoder blocks live, for the architectures we know by name; anything else is found generically.
+BLOCK_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Phi-3, Gemma, Granite, ...
+    "model.decoder.layers",  # OPT
+    "transformer.h",  # GPT-2, Falcon, GPT-J, BLOOM
+    "gpt_neox.layers",  # GPT-NeoX / Pythia
+    "model.language_model.layers",
+)
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features] (GPT-2's Conv1D stores it transposed)."""
+    w = module.weight.data
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+def set_weight(module: nn.Module, w: torch.Tensor) -> None:
+    if type(module).__name__ == "Conv1D":
+        w = w.t()
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks and its dotted path; a clear error naming the class otherwise."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: encoder-decoder models are not supported; sparsegpt-export compresses "
+            "decoder-only causal LMs (Llama, Mistral, Qwen, Phi, Gemma, OPT, GPT-2, GPT-NeoX, Falcon, ...)"
+        )
+    for path in BLOCK_PATHS:
+        blocks = _get(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return path, blocks
+    # generic: the longest ModuleList of identical modules that contain linear layers
+    best: tuple[int, str, Optional[nn.ModuleList]] = (0, "", None)
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > best[0]:
+            kinds = {type(m) for m in mod}
+            if len(kinds) == 1 and any(is_linear(x) for x in mod[0].modules()):
+                best = (len(mod), name, mod)
+    if best[2] is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no stack of transformer blocks with linear layers was found; "
+            f"supported are decoder-only models whose blocks live in one of {list(BLOCK_PATHS)} or another "
+            "ModuleList of identical blocks"
+        )
+    return best[1], best[2]
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in block.named_modules() if n and is_linear(m)}
+
+
+def _selected(name: str, config: SparseGPTConfig) -> bool:
+    if config.targets and not any(re.search(rx, name) for rx in config.targets):
+        return False
+    return not any(re.search(rx, name) for rx in config.ignore)
+
+
+# ---------------------------------------------------------------------------------------------- records
+@dataclass
+class LayerRecord:
+    """What a converter needs of one compressed layer besides its weight (the one source of truth)."""
+
+    name: str
+    shape: tuple[int, int]  # [out, in]
+    pattern: str  # "2:4", "4:8", "unstructured", "dense" (quantized only)
+    sparsity: float
+    bits: Optional[int]
+    group_size: Optional[int]
+    sym: bool
+    scales: Optional[torch.Tensor] = None  # [out, ngroups] in the scale storage dtype
+    zeros: Optional[torch.Tensor] = None  # [out, ngroups] uint8, asymmetric only
+
+    def quant_spec(self) -> Optional[QuantSpec]:
+        if self.bits is None:
+            return None
+        return QuantSpec(self.bits, self.group_size, self.sym, self.scales.dtype if self.scales is not None else torch.float16)
+
+
+@dataclass
+class CompressionResult:
+    records: dict[str, LayerRecord]
+    report: dict[str, Any]
+    config: SparseGPTConfig
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} was asked for but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_scale_dtype(config: SparseGPTConfig, model_dtype: torch.dtype) -> torch.dtype:
+    if config.scale_dtype:
+        return getattr(torch, config.scale_dtype)
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def auto_batch_size(model: nn.Module, nsamples: int, seqlen: int, device: torch.device) -> int:
+    """How many calibration windows go through a block at once: all of them when the activations fit."""
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 16)
+    per_sample = seqlen * (8 * hidden + 4 * inter) * 4 + heads * seqlen * seqlen * 4
+    budget = 0.35 * _available_bytes(device)
+    return max(1, min(nsamples, int(budget // max(per_sample, 1))))
+
+
+def _first_hidden(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "hidden_states"):
+        return out.hidden_states
+    raise TypeError(f"unexpected block output type {type(out).__name__}")
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch: int, device: torch.device):
+    """Run the model up to its first block for each chunk of windows: [(hidden_states, kwargs), ...]."""
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_mod, args, kwargs):
+        kwargs = dict(kwargs)
+        hs = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hs, {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past")}))
+        raise _StopForward
+
+    block_params = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
+    moved = []
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in block_params and t.device != device:
+            moved.append((t, t.device))
+            t.data = t.data.to(device)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, calib.shape[0], batch):
+            ids = calib[i:i + batch].to(device)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+            else:
+                raise UnsupportedModelError(f"{type(model).__name__}: the forward never reached the first block")
+    finally:
+        handle.remove()
+        for t, dev in moved:
+            t.data = t.data.to(dev)
+    return captured
+
+
+def _hash_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- the walk
+class _Progress:
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="block", dynamic_ncols=True)
+            except ImportError:  # pragma: no cover
+                self.bar = None
+
+    def postfix(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def compress_model(
+    model: nn.Module,
+    calib: torch.Tensor,
+    config: SparseGPTConfig,
+    *,
+    progress: bool = True,
+    checkpoint_dir: Optional[str | os.PathLike] = None,
+    resume: bool = False,
+    model_name: str = "",
+) -> CompressionResult:
+    """Compress ``model`` in place with SparseGPT on the calibration windows ``calib`` [nsamples, seqlen]."""
+    t_start = time.perf_counter()
+    device = resolve_device(config.device)
+    path, blocks = find_blocks(model)
+    n, m = config.nm
+    model_dtype = next(model.parameters()).dtype
+    scale_dtype = resolve_scale_dtype(config, model_dtype)
+    hdtype = torch.float64 if config.hessian_dtype == "float64" else torch.float32
+    quant = QuantSpec(config.bits, config.group_size, config.sym, scale_dtype, config.clip_search) if config.bits else None
+    if calib.dim() != 2:
+        raise ConfigError(f"calibration: expected input_ids of shape [nsamples, seqlen], got {tuple(calib.shape)}")
+    nsamples, seqlen = calib.shape
+    batch = config.calib_batch_size or auto_batch_size(model, nsamples, seqlen, device)
+    was_training = model.training
+    model.eval()
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+
+    records: dict[str, LayerRecord] = {}
+    rows: list[dict] = []
+    prof = {"capture_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0, "block_forward_s": 0.0, "checkpoint_s": 0.0}
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    run_key = hashlib.sha256(
+        (json.dumps(config.to_dict(), sort_keys=True) + _hash_tensor(calib) + model_name + str(len(blocks))).encode()
+    ).hexdigest()[:16]
+
+    t = time.perf_counter()
+    chunks = capture_block_inputs(model, blocks, calib, batch, device)
+    prof["capture_s"] = time.perf_counter() - t
+    start_block = 0
+    if ckpt is not None and resume:
+        start_block = _load_checkpoint(ckpt, run_key, model, path, blocks, chunks, records, rows)
+    elif ckpt is not None and ckpt.exists():
+        import shutil
+
+        shutil.rmtree(ckpt)
+
+    def solve(lname: str, module: nn.Module, H: torch.Tensor) -> None:
+        W = get_weight(module)
+        rows_, cols = W.shape
+        t0 = time.perf_counter()
+        if n and cols % m:
+            msg = f"layer {lname}: {cols} input columns are not a multiple of M={m}; left dense"
+            if config.on_incompatible == "error":
+                raise SolverError(f"layer {lname}: {cols} input columns are not a multiple of M={m} for the {config.pattern} pattern")
+            warnings.warn(msg)
+            rows.append({"layer": lname, "pattern": "skipped", "warning": msg, "shape": [rows_, cols]})
+            return
+        res: SolveResult = sparsegpt_solve(
+            W.to(device), H, sparsity=config.sparsity if config.prunes else 0.0, n=n, m=m, quant=quant,
+            blocksize=config.blocksize, mask_blocksize=config.mask_blocksize, damp=config.damp,
+            fit_scales_to_kept=config.fit_scales_to_kept, name=lname,
+        )
+        set_weight(module, res.weight)
+        pattern = config.pattern if config.prunes else "dense"
+        achieved = res.mask.float().mean().item()
+        records[lname] = LayerRecord(
+            name=lname, shape=(rows_, cols), pattern=pattern, sparsity=achieved, bits=config.bits,
+            group_size=(config.group_size if config.group_size and config.group_size < cols else None) if quant else None,
+            sym=config.sym,
+            scales=res.scales.to(scale_dtype).cpu() if res.scales is not None else None,
+            zeros=res.zeros.to(torch.uint8).cpu() if (res.zeros is not None and not config.sym) else None,
+        )
+        rows.append({
+            "layer": lname, "shape": [rows_, cols], "pattern": pattern, "sparsity": round(achieved, 6),
+            "bits": config.bits, "group_size": config.group_size if quant else None,
+            "rel_error": res.rel_error, "damp": res.damp, "damp_escalations": res.damp_escalations,
+            "dead_inputs": res.dead_inputs, "time_s": round(time.perf_counter() - t0, 4),
+        })
+        if res.damp_escalations:
+            logger.warning("layer %s: Cholesky failed, damping raised to %g", lname, res.damp)
+        prof["solve_s"] += time.perf_counter() - t0
+
+    bar = _Progress(progress, len(blocks), "SparseGPT")
+    for _ in range(start_block):
+        bar.update()
+    try:
+        for bi in range(start_block, len(blocks)):
+            block = blocks[bi]
+            orig_device = next(block.parameters()).device
+            block.to(device)
+            lins = {f"{path}.{bi}.{k}": v for k, v in block_linears(block).items()}
+            todo = {k: v for k, v in lins.items() if _selected(k, config)}
+            t_block = time.perf_counter()
+            hooks_time = [0.0]
+            if len(chunks) == 1:
+                outs = [_one_pass(block, chunks[0], todo, solve, hdtype, prof, hooks_time, bar)]
+            else:
+                _staged(block, chunks, todo, solve, hdtype, prof, hooks_time, bar)
+                outs = []
+                with torch.no_grad():
+                    for hs, kw in chunks:
+                        outs.append(_first_hidden(block(hs, **kw)))
+            prof["block_forward_s"] += time.perf_counter() - t_block - hooks_time[0]
+            chunks = [(o, kw) for o, (_, kw) in zip(outs, chunks)]
+            block.to(orig_device)
+            if ckpt is not None:
+                t = time.perf_counter()
+                _save_checkpoint(ckpt, run_key, bi, path, block, chunks, records, rows)
+                prof["checkpoint_s"] += time.perf_counter() - t
+            bar.update()
+    finally:
+        bar.close()
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+        model.train(was_training)
+
+    pruned = [r for r in rows if r.get("pattern") not in ("skipped",)]
+    total_w = sum(r["shape"][0] * r["shape"][1] for r in pruned)
+    report = {
+        "model": model_name,
+        "config": config.to_dict(),
+        "blocks_path": path,
+        "num_blocks": len(blocks),
+        "nsamples": int(nsamples),
+        "seqlen": int(seqlen),
+        "calib_batch_size": int(batch),
+        "device": str(device),
+        "scale_dtype": str(scale_dtype).replace("torch.", ""),
+        "layers": rows,
+        "summary": {
+            "layers_compressed": len(pruned),
+            "layers_skipped": len(rows) - len(pruned),
+            "weighted_sparsity": (sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in pruned) / total_w) if total_w else 0.0,
+            "mean_rel_error": (sum(r["rel_error"] for r in pruned) / len(pruned)) if pruned else 0.0,
+            "wall_s": round(time.perf_counter() - t_start, 3),
+        },
+        "profile": {k: round(v, 3) for k, v in prof.items()},
+        "warnings": [r["warning"] for r in rows if "warning" in r],
+    }
+    return CompressionResult(records=records, report=report, config=config)
+
+
+def _one_pass(block, chunk, todo, solve, hdtype, prof, hooks_time, bar) -> torch.Tensor:
+    """All windows at once: each layer is solved in its pre-hook, so the forward continues on compressed weights."""
+    cache: dict = {}
+    handles = []
+
+    def make_hook(lname):
+        def hook(mod, args):
+            t0 = time.perf_counter()
+            x = args[0]
+            key = (x.data_ptr(), tuple(x.shape))
+            if cache.get("key") != key:
+                cache.clear()
+                th = time.perf_counter()
+                acc = HessianAccumulator(x.shape[-1], device=x.device, dtype=hdtype, name=lname)
+                acc.add(x)
+                prof["hessian_s"] += time.perf_counter() - th
+                cache.update(key=key, x=x, H=acc.H)
+            bar.postfix(lname.rsplit(".", 2)[-2] + "." + lname.rsplit(".", 1)[-1])
+            solve(lname, mod, cache["H"])
+            hooks_time[0] += time.perf_counter() - t0
+        return hook
+
+    for lname, mod in todo.items():
+        handles.append(mod.register_forward_pre_hook(make_hook(lname)))
+    hs, kw = chunk
+    try:
+        with torch.no_grad():
+            out = _first_hidden(block(hs, **kw))
+    finally:
+        for h in handles:
+            h.remove()
+        cache.clear()
+    return out
+
+
+def _staged(block, chunks, todo, solve, hdtype, prof, hooks_time, bar) -> None:
+    """Windows in chunks: per group of layers sharing an input, one early-stopped forward over all chunks."""
+    remaining = dict(todo)
+    while remaining:
+        members: list[str] = []
+        acc_box: dict = {}
+        first_chunk = [True]
+
+        def make_hook(lname):
+            def hook(mod, args):
+                if lname not in remaining:
+                    return
+                t0 = time.perf_counter()
+                x = args[0]
+                key = (x.data_ptr(), tuple(x.shape))
+                if acc_box.get("key") is None:
+                    acc_box["key"] = key
+                    if "acc" not in acc_box:
+                        acc_box["acc"] = HessianAccumulator(x.shape[-1], device=x.device, dtype=hdtype, name=lname)
+                    th = time.perf_counter()
+                    acc_box["acc"].add(x)
+                    prof["hessian_s"] += time.perf_counter() - th
+                elif acc_box["key"] != key:
+                    hooks_time[0] += time.perf_counter() - t0
+                    raise _StopForward
+                if first_chunk[0]:
+                    members.append(lname)
+                elif lname not in members:
+                    hooks_time[0] += time.perf_counter() - t0
+                    raise _StopForward
+                hooks_time[0] += time.perf_counter() - t0
+            return hook
+
+        handles = [mod.register_forward_pre_hook(make_hook(ln)) for ln, mod in todo.items()]
+        try:
+            with torch.no_grad():
+                for hs, kw in chunks:
+                    acc_box["key"] = None
+                    try:
+                        block(hs, **kw)
+                    except _StopForward:
+                        pass
+                    first_chunk[0] = False
+        finally:
+            for h in handles:
+                h.remove()
+        if not members:
+            for ln in remaining:
+                warnings.warn(f"layer {ln}: never called in the block's forward; left dense")
+            break
+        t0 = time.perf_counter()
+        H = acc_box["acc"].H
+        for ln in members:
+            bar.postfix(ln.rsplit(".", 2)[-2] + "." + ln.rsplit(".", 1)[-1])
+            solve(ln, remaining.pop(ln), H)
+        hooks_time[0] += time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _save_checkpoint(ckpt: Path, run_key: str, bi: int, path: str, block: nn.Module, chunks, records, rows) -> None:
+    from safetensors.torch import save_file
+
+    ckpt.mkdir(parents=True, exist_ok=True)
+    prefix = f"{path}.{bi}."
+    tensors = {prefix + k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+    for name, rec in records.items():
+        if name.startswith(prefix):
+            if rec.scales is not None:
+                tensors[name + ".__scales"] = rec.scales.contiguous()
+            if rec.zeros is not None:
+                tensors[name + ".__zeros"] = rec.zeros.contiguous()
+    save_file(tensors, str(ckpt / f"block_{bi:05d}.safetensors"))
+    acts = {f"hidden_{i}": hs.detach().cpu().contiguous() for i, (hs, _) in enumerate(chunks)}
+    tmp = ckpt / "inputs.safetensors.tmp"
+    save_file(acts, str(tmp))
+    os.replace(tmp, ckpt / "inputs.safetensors")
+    meta = {
+        "run_key": run_key, "next_block": bi + 1, "rows": rows,
+        "records": {n: {k: v for k, v in vars(r).items() if k not in ("scales", "zeros")} for n, r in records.items()},
+    }
+    tmpj = ckpt / "state.json.tmp"
+    tmpj.write_text(json.dumps(meta))
+    os.replace(tmpj, ckpt / "state.json")
+
+
+def _load_checkpoint(ckpt: Path, run_key: str, model, path, blocks, chunks, records, rows) -> int:
+    from safetensors.torch import load_file
+
+    state_f = ckpt / "state.json"
+    if not state_f.exists():
+        logger.warning("--resume: no checkpoint in %s; starting from the first block", ckpt)
+        return 0
+    meta = json.loads(state_f.read_text())
+    if meta.get("run_key") != run_key:
+        raise ConfigError(
+            f"--resume: the checkpoint in {ckpt} was made with another model, configuration or calibration data; "
+            "remove it or run without --resume"
+        )
+    nb = int(meta["next_block"])
+    saved: dict[str, torch.Tensor] = {}
+    for bi in range(nb):
+        t = load_file(str(ckpt / f"block_{bi:05d}.safetensors"))
+        prefix = f"{path}.{bi}."
+        blocks[bi].load_state_dict({k[len(prefix):]: v for k, v in t.items() if ".__" not in k}, strict=True)
+        saved.update({k: v for k, v in t.items() if ".__" in k})
+    for name, r in meta["records"].items():
+        rec = LayerRecord(**{**r, "shape": tuple(r["shape"])})
+        rec.scales = saved.get(name + ".__scales")
+        rec.zeros = saved.get(name + ".__zeros")
+        records[name] = rec
+    rows.extend(meta["rows"])
+    acts = load_file(str(ckpt / "inputs.safetensors"))
+    for i in range(len(chunks)):
+        hs = acts[f"hidden_{i}"].to(chunks[i][0].device)
+        chunks[i] = (hs, chunks[i][1])
+    logger.info("resumed from block %d", nb)
+    return nb

@@ -1,0 +1,135 @@
+"""Writing (and reading back) the output of ``compress``.
+
+The folder is a plain Hugging Face checkpoint (safetensors weights in the model's dtype, zeros included, which
+plain transformers loads without this package) plus:
+
+- ``sparsegpt_quant.safetensors``: per compressed layer ``<module>.scales`` [out, ngroups] in the scale dtype
+  and, for asymmetric grids, ``<module>.zeros`` (uint8); its metadata holds each layer's record (pattern, bits,
+  group size, shape) as JSON. With the weights these give every converter the exact integer codes.
+- ``sparsegpt_config.json``: the `SparseGPTConfig` (JSON round trip);
+- ``sparsegpt_report.json``: per layer pattern, sparsity, bits, relative error, damping and time.
+
+Every write goes to a temporary folder beside the target and is renamed at the end, so an interrupted run
+never leaves a folder that looks complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .config import SparseGPTConfig
+from .driver import CompressionResult, LayerRecord
+
+QUANT_FILE = "sparsegpt_quant.safetensors"
+CONFIG_FILE = "sparsegpt_config.json"
+REPORT_FILE = "sparsegpt_report.json"
+FORMAT_VERSION = 1
+
+
+class OutputError(OSError):
+    """The output folder cannot be written; the message names it."""
+
+
+def check_writable(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Fail early (before any compression work) when ``out`` cannot be written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"--out {out}: folder exists and is not empty; pass --overwrite to replace it")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot create the parent folder ({e.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out}: the folder {parent} is not writable")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it is removed."""
+    out = check_writable(out, overwrite)
+    parent = out.absolute().parent
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / "x")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_compressed(model: Any, tokenizer: Any, result: CompressionResult, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    from safetensors.torch import save_file
+
+    from .models import strip_quantization_config
+
+    with atomic_dir(out, overwrite) as tmp:
+        strip_quantization_config(model.config)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        tensors: dict[str, torch.Tensor] = {}
+        layers: dict[str, dict] = {}
+        for name, rec in result.records.items():
+            layers[name] = {
+                "shape": list(rec.shape), "pattern": rec.pattern, "sparsity": rec.sparsity, "bits": rec.bits,
+                "group_size": rec.group_size, "sym": rec.sym,
+            }
+            if rec.scales is not None:
+                tensors[f"{name}.scales"] = rec.scales.contiguous()
+            if rec.zeros is not None:
+                tensors[f"{name}.zeros"] = rec.zeros.contiguous()
+        meta = {"format": "sparsegpt-compressed", "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
+        save_file(tensors, str(tmp / QUANT_FILE), metadata=meta)
+        result.config.to_json_file(tmp / CONFIG_FILE)
+        (tmp / REPORT_FILE).write_text(json.dumps(result.report, indent=2) + "\n")
+    return Path(out)
+
+
+def load_records(folder: str | os.PathLike) -> dict[str, LayerRecord]:
+    """The layer records of a ``compress`` output (scales and zero points included)."""
+    from safetensors import safe_open
+
+    f = Path(folder) / QUANT_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{folder}: no {QUANT_FILE}; is this the output of `sparsegpt-export compress`?")
+    with safe_open(str(f), framework="pt") as sf:
+        meta = sf.metadata() or {}
+        version = int(meta.get("format_version", "0"))
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{f}: format_version {version} is newer than this package understands ({FORMAT_VERSION})")
+        layers = json.loads(meta.get("layers", "{}"))
+        keys = set(sf.keys())
+        records = {}
+        for name, d in layers.items():
+            records[name] = LayerRecord(
+                name=name, shape=tuple(d["shape"]), pattern=d["pattern"], sparsity=d["sparsity"], bits=d["bits"],
+                group_size=d["group_size"], sym=d["sym"],
+                scales=sf.get_tensor(f"{name}.scales") if f"{name}.scales" in keys else None,
+                zeros=sf.get_tensor(f"{name}.zeros") if f"{name}.zeros" in keys else None,
+            )
+    return records
+
+
+def load_config(folder: str | os.PathLike) -> Optional[SparseGPTConfig]:
+    f = Path(folder) / CONFIG_FILE
+    return SparseGPTConfig.from_json_file(f) if f.is_file() else None

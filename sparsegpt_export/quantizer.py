@@ -1,0 +1,106 @@
+"""`SparseGPTQuantizer`: the Optimum-style Python API.
+
+    from sparsegpt_export import SparseGPTQuantizer
+    quantizer = SparseGPTQuantizer(pattern="2:4", bits=4, group_size=128, dataset="c4", nsamples=128, seqlen=2048)
+    model = quantizer.quantize_model(model, tokenizer)      # in place; quantizer.report holds the per-layer rows
+    quantizer.save(model, "out/")
+
+or, from a checkpoint: ``SparseGPTQuantizer.from_pretrained("smollm2-135m", pattern="2:4").quantize("out/")``.
+It has the method names of ``optimum.gptq.GPTQQuantizer`` (``quantize_model``, ``save``, ``to_dict``,
+``from_dict``) and subclasses ``optimum.quantization_base.OptimumQuantizer``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .calibration import DatasetSpec, get_calibration_data
+from .config import SparseGPTConfig
+from .driver import CompressionResult, compress_model
+from .io import check_writable, save_compressed
+
+try:  # optimum is a dependency; keep the API usable if a broken install lacks it
+    from optimum.quantization_base import OptimumQuantizer as _Base
+except Exception:  # pragma: no cover
+    _Base = object
+
+
+class SparseGPTQuantizer(_Base):
+    def __init__(self, config: Optional[SparseGPTConfig] = None, *, dataset: DatasetSpec | None = None, **kwargs: Any):
+        if config is not None and kwargs:
+            config = SparseGPTConfig.from_dict({**config.to_dict(), **kwargs})
+        elif config is None:
+            if isinstance(dataset, (str, os.PathLike)):
+                kwargs["dataset"] = str(dataset)
+            elif dataset is not None:
+                kwargs["dataset"] = None
+            config = SparseGPTConfig(**kwargs)
+        self.config = config
+        self.dataset = dataset if dataset is not None else config.dataset
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.model_name = ""
+        self.result: Optional[CompressionResult] = None
+
+    # ---------------------------------------------------------------- Optimum / GPTQQuantizer method names
+    def to_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> "SparseGPTQuantizer":
+        return cls(config=SparseGPTConfig.from_dict(config_dict))
+
+    @classmethod
+    def from_pretrained(cls, model_or_path: str | os.PathLike, file_name: Optional[str] = None, *,
+                        config: Optional[SparseGPTConfig] = None, dtype: Optional[str] = None, **kwargs: Any) -> "SparseGPTQuantizer":
+        """Load a checkpoint (local folder, hub name or a built-in name such as ``smollm2-135m``) to compress."""
+        from .models import load_model
+
+        q = cls(config=config, **kwargs)
+        q.model, q.tokenizer = load_model(str(model_or_path), dtype=dtype)
+        q.model_name = str(model_or_path)
+        return q
+
+    @property
+    def report(self) -> Optional[dict[str, Any]]:
+        return self.result.report if self.result else None
+
+    def get_calibration_dataset(self, tokenizer: Any = None) -> torch.Tensor:
+        if self.dataset is None:
+            raise ValueError("dataset: no calibration data given (a name, a file, a list of strings or input_ids)")
+        return get_calibration_data(self.dataset, tokenizer, self.config.nsamples, self.config.seqlen, self.config.seed)
+
+    def quantize_model(self, model: Any, tokenizer: Any = None, *, progress: bool = True,
+                       checkpoint_dir: Optional[str | os.PathLike] = None, resume: bool = False) -> Any:
+        """Compress ``model`` in place; returns it. The per-layer report is ``self.report``."""
+        calib = self.get_calibration_dataset(tokenizer)
+        name = self.model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+        self.result = compress_model(model, calib, self.config, progress=progress, checkpoint_dir=checkpoint_dir,
+                                     resume=resume, model_name=str(name))
+        self.model, self.tokenizer = model, tokenizer if tokenizer is not None else self.tokenizer
+        return model
+
+    def save(self, model: Any, save_dir: str | os.PathLike, overwrite: bool = False, tokenizer: Any = None) -> Path:
+        if self.result is None:
+            raise RuntimeError("save: call quantize_model first")
+        return save_compressed(model, tokenizer if tokenizer is not None else self.tokenizer, self.result, save_dir, overwrite)
+
+    def quantize(self, save_dir: str | os.PathLike, file_prefix: Optional[str] = None, *, overwrite: bool = False,
+                 progress: bool = True, resume: bool = False, **kwargs: Any) -> Path:
+        """Compress the model loaded by ``from_pretrained`` and write it to ``save_dir`` (atomically).
+
+        A checkpoint is kept beside ``save_dir`` after every block; ``resume=True`` continues from it.
+        """
+        if self.model is None:
+            raise RuntimeError("quantize: no model; use SparseGPTQuantizer.from_pretrained(...) or quantize_model()")
+        out = check_writable(save_dir, overwrite=overwrite)
+        ckpt = out.absolute().parent / f".{out.name}.sparsegpt-checkpoint"
+        self.quantize_model(self.model, self.tokenizer, progress=progress, checkpoint_dir=ckpt, resume=resume)
+        path = self.save(self.model, out, overwrite=overwrite)
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return path

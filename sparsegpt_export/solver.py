@@ -1,0 +1,281 @@
+"""SparseGPT for one weight matrix (Frantar & Alistarh, 2023), with joint quantization.
+
+Torch only: this module knows nothing of transformers or of file formats.
+
+    W [rows, cols], calibration inputs X [tokens, cols]
+    H = 2/n X^T X  (streamed, float32 or float64)      -> HessianAccumulator
+    H += damp * mean(diag H) * I  (x10 until Cholesky succeeds)
+    U = chol(H^-1, upper)
+    for each block of B columns, for each column j:
+        every M columns (N:M) or every Bs columns (unstructured): drop the weights with the smallest
+        w^2 / U_jj^2
+        q_j = 0 where dropped, else the quantized w_j (group grid fitted to the weights that survive)
+        err = (w_j - q_j) / U_jj;  W[:, j:] -= err * U[j, j:]     (OBS update, lazily per block)
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .quant import QuantSpec, codes_of, fit_params, quantize
+
+
+class SolverError(RuntimeError):
+    """A layer could not be solved; the message names the layer."""
+
+
+class HessianAccumulator:
+    """Running mean of ``2 X^T X`` over calibration batches.
+
+    ``add(x)`` takes inputs of shape [..., cols]; the mean is kept normalised at every step
+    (``H <- H * n/(n+b) + 2/(n+b) X^T X``) so that it never grows with the number of tokens.
+    """
+
+    def __init__(self, cols: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, name: str = ""):
+        self.H = torch.zeros(cols, cols, device=device, dtype=dtype)
+        self.nsamples = 0
+        self.name = name
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        b = x.shape[0]
+        if b == 0:
+            return
+        if x.dtype != self.H.dtype:
+            x = x.to(self.H.dtype)
+        x = x.to(self.H.device)
+        total = self.nsamples + b
+        self.H.mul_(self.nsamples / total)
+        if self.H.device.type == "cpu" and x.shape[1] >= 512:
+            _add_xtx_symmetric(self.H, x, 2.0 / total)
+        else:
+            self.H.addmm_(x.t(), x, alpha=2.0 / total)
+        self.nsamples = total
+        if not torch.isfinite(self.H).all():
+            raise SolverError(
+                f"layer {self.name or '?'}: calibration inputs contain NaN or Inf (check the model's dtype, "
+                "the calibration data, and the layers before this one)"
+            )
+
+
+def _add_xtx_symmetric(H: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """``H += alpha * x^T x`` computing only the upper block triangle (about a third less work on CPU)."""
+    d = x.shape[1]
+    nb = min(4, d // 256)
+    cuts = [(i * d) // nb for i in range(nb + 1)]
+    for i in range(nb):
+        a, b = cuts[i], cuts[i + 1]
+        xi = x[:, a:b]
+        for j in range(i, nb):
+            c, e = cuts[j], cuts[j + 1]
+            blk = xi.t().matmul(x[:, c:e])
+            H[a:b, c:e].add_(blk, alpha=alpha)
+            if j > i:
+                H[c:e, a:b].add_(blk.t(), alpha=alpha)
+
+
+@dataclass
+class SolveResult:
+    weight: torch.Tensor  # [rows, cols] float32: zeros and the dequantized kept values
+    mask: torch.Tensor  # [rows, cols] bool: True = pruned
+    scales: Optional[torch.Tensor] = None  # [rows, ngroups] float32 (exact values of scale_dtype)
+    zeros: Optional[torch.Tensor] = None  # [rows, ngroups] float32 integer-valued
+    damp: float = 0.0
+    damp_escalations: int = 0
+    rel_error: float = 0.0
+    seconds: float = 0.0
+    dead_inputs: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def codes(self, spec: QuantSpec) -> torch.Tensor:
+        """Integer codes [rows, cols] (uint8) recovered from the weight and the scales."""
+        scale, zero = expand_groups(self.scales, self.zeros, self.weight.shape[1], spec.group_size)
+        return codes_of(self.weight, scale, zero, spec.maxq).to(torch.uint8)
+
+
+def expand_groups(scales: torch.Tensor, zeros: torch.Tensor, cols: int, group_size: Optional[int]):
+    """[rows, ngroups] -> [rows, cols] (the last group may be narrower than the others)."""
+    g = group_size or cols
+    idx = torch.arange(cols, device=scales.device) // g
+    return scales[:, idx], zeros[:, idx]
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of (H + damp*mean(diag H)*I)^-1, escalating damp x10 on failure."""
+    mean_diag = torch.mean(torch.diag(H)).item()
+    if not math.isfinite(mean_diag) or mean_diag <= 0:
+        mean_diag = 1.0
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    escalations = 0
+    d = damp
+    for _ in range(8):
+        Hd = H + (d * mean_diag) * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info2.item() == 0 and torch.isfinite(U).all():
+                return U, d, escalations
+        d *= 10.0
+        escalations += 1
+    raise SolverError(f"layer {name}: the Hessian is not positive definite even with damp={d / 10:g}")
+
+
+def _choose_nm(tmp: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Mask (True = prune) of the M-N smallest saliencies in every group of M columns of ``tmp`` [rows, k*m]."""
+    rows, c = tmp.shape
+    t = tmp.reshape(rows, c // m, m)
+    idx = torch.topk(t, m - n, dim=2, largest=False).indices
+    mask = torch.zeros_like(t, dtype=torch.bool).scatter_(2, idx, True)
+    return mask.reshape(rows, c)
+
+
+def _choose_unstructured(tmp: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of exactly ``k`` smallest entries of ``tmp`` (ties broken by position)."""
+    mask = torch.zeros(tmp.numel(), dtype=torch.bool, device=tmp.device)
+    if k > 0:
+        idx = torch.topk(tmp.flatten(), k, largest=False).indices
+        mask[idx] = True
+    return mask.view_as(tmp)
+
+
+def sparsegpt_solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    sparsity: float = 0.5,
+    n: int = 0,
+    m: int = 0,
+    quant: Optional[QuantSpec] = None,
+    blocksize: int = 128,
+    mask_blocksize: int = 128,
+    damp: float = 0.01,
+    fit_scales_to_kept: bool = True,
+    name: str = "",
+) -> SolveResult:
+    """Prune (N:M when ``n`` and ``m`` are set, else unstructured at ``sparsity``) and optionally quantize ``W``.
+
+    ``H`` is the layer Hessian (``HessianAccumulator.H``); it is not modified.
+    """
+    t0 = time.perf_counter()
+    rows, cols = W.shape
+    hdtype = H.dtype
+    W0 = W.detach().to(torch.float32)
+    prune = n > 0 or sparsity > 0
+    if not prune and quant is None:
+        return SolveResult(weight=W0.clone(), mask=torch.zeros_like(W0, dtype=torch.bool), seconds=time.perf_counter() - t0)
+    if n and cols % m:
+        raise SolverError(f"layer {name}: {cols} input columns are not a multiple of M={m} for the {n}:{m} pattern")
+
+    Wf = W0.to(hdtype).clone()
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    Wf[:, dead] = 0.0
+    U, used_damp, escalations = _inverse_cholesky(H, damp, name)
+    H[dead, dead] = 0.0
+
+    g = quant.group_size if quant is not None else None
+    if g and g < cols:
+        # groups must not straddle a lazy block: make the block a multiple of the group
+        blocksize = max(blocksize // g, 1) * g
+    maxq = quant.maxq if quant is not None else 0
+    ngroups = quant.ngroups(cols) if quant is not None else 0
+    scales = torch.zeros(rows, ngroups, dtype=torch.float32, device=W.device) if quant else None
+    zeros = torch.zeros(rows, ngroups, dtype=torch.float32, device=W.device) if quant else None
+    if quant is not None and not g:
+        # per channel: one grid per row, fitted on the whole row up front (as GPTQ does)
+        keep0 = None
+        if prune and fit_scales_to_kept:
+            keep0 = ~_provisional_mask(Wf, U, sparsity, n, m)
+        s, z = fit_params(Wf.float(), quant, keep0)
+        scales[:, 0:1], zeros[:, 0:1] = s, z
+
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    # unstructured: per mask block, prune an exact share so that the layer's total is round(sparsity*numel)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = Wf[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d1 = torch.diag(U1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        scale_c = zero_c = None
+        for i in range(count):
+            col = i1 + i
+            if prune and not n and i % mask_blocksize == 0:
+                j2 = min(i + mask_blocksize, count)
+                tmp = W1[:, i:j2] ** 2 / (d1[i:j2].reshape(1, -1) ** 2)
+                k = round(sparsity * rows * (col + j2 - i)) - round(sparsity * rows * col)
+                mask1[:, i:j2] = _choose_unstructured(tmp, k)
+            if n and i % m == 0:
+                tmp = W1[:, i:i + m] ** 2 / (d1[i:i + m].reshape(1, -1) ** 2)
+                mask1[:, i:i + m] = _choose_nm(tmp, n, m)
+            if quant is not None and g and col % g == 0:
+                ge = min(i + g, count)
+                keep = None
+                if prune and fit_scales_to_kept:
+                    keep = ~mask1[:, i:ge] if not n else ~_choose_nm(
+                        W1[:, i:ge] ** 2 / (d1[i:ge].reshape(1, -1) ** 2), n, m)
+                s, z = fit_params(W1[:, i:ge].float(), quant, keep)
+                scales[:, col // g:col // g + 1], zeros[:, col // g:col // g + 1] = s, z
+            if quant is not None:
+                gi = col // g if g else 0
+                scale_c = scales[:, gi].to(hdtype)
+                zero_c = zeros[:, gi].to(hdtype)
+            w = W1[:, i]
+            if quant is not None:
+                q = quantize(w, scale_c, zero_c, maxq)
+            else:
+                q = w.clone()
+            q.masked_fill_(mask1[:, i], 0.0)
+            Q1[:, i] = q
+            err = (w - q).div_(d1[i])
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        Wf[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        if i2 < cols:
+            Wf[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+
+    Wq = Wf.to(torch.float32)
+    Wq[mask] = 0.0  # exact zeros (also of dead inputs already zeroed)
+    delta = (Wq - W0).to(hdtype)
+    Wd = W0.to(hdtype)
+    num = (delta.matmul(H) * delta).sum().item()
+    den = (Wd.matmul(H) * Wd).sum().item()
+    rel = num / den if den > 0 else 0.0
+    return SolveResult(
+        weight=Wq,
+        mask=mask,
+        scales=scales,
+        zeros=zeros,
+        damp=used_damp,
+        damp_escalations=escalations,
+        rel_error=rel,
+        seconds=time.perf_counter() - t0,
+        dead_inputs=int(dead.sum().item()),
+    )
+
+
+def _provisional_mask(Wf, U, sparsity, n, m):
+    """The mask the saliency would choose now on the whole matrix, for fitting a per-row grid up front."""
+    tmp = Wf**2 / torch.diag(U).reshape(1, -1) ** 2
+    if n:
+        return _choose_nm(tmp, n, m)
+    return _choose_unstructured(tmp, round(sparsity * tmp.numel()))
+
+
+def magnitude_prune(W: torch.Tensor, *, sparsity: float = 0.5, n: int = 0, m: int = 0) -> torch.Tensor:
+    """Baseline: the same mask rule with saliency |w| and no weight update. Returns the pruned weight."""
+    W = W.detach().float().clone()
+    tmp = W.abs()
+    mask = _choose_nm(tmp, n, m) if n else _choose_unstructured(tmp, round(sparsity * W.numel()))
+    W[mask] = 0.0
+    return W
