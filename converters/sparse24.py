@@ -1,0 +1,388 @@
+"""``sparse24``: our own compact, versioned format for N:M (and unstructured) sparse, quantized weights.
+
+One safetensors file, ``model.sparse24.safetensors``, and a ``config.json`` whose ``quantization_config``
+(``quant_method: sparsegpt, format: sparse24, format_version: 1``) records every compressed layer. Per layer
+``<module>`` (weights as [out, in]; GPT-2's Conv1D is transposed to that and back, ``"transposed": true``):
+
+- N:M, quantized:   ``.codes``     uint8 [out, ceil(K*bits/8)]: the N kept codes of every group of M inputs,
+                                   K = in/M*N per row, as a little-endian bit stream per row (4 bits: two codes a
+                                   byte, the first in the low nibble);
+                    ``.positions`` uint8 [out, ceil(K*p/8)]: the index 0..M-1 of each kept slot in its group,
+                                   ascending, p = ceil(log2 M) bits each (2 for 2:4, 3 for 4:8), packed the same way;
+                    ``.scales``    [out, ngroups] as in the compress sidecar (float16), ``.zeros`` uint8 (asym only).
+                    A group with fewer than N nonzeros fills its free slots with unused positions and the zero
+                    point (value 0). value = scale * (code - zero); symmetric grids have zero = 2^(bits-1).
+- N:M, unquantized: ``.values`` [out, K] in the export dtype and ``.positions`` as above.
+- unstructured:     ``.bitmask`` uint8 [out, ceil(in/8)], ``np.packbits`` of each row's nonzeros (row-major,
+                    big-endian bit order as numpy's default), and ``.values`` [nnz] in the export dtype, or
+                    ``.codes`` (the nonzeros' codes as one packed bit stream) with ``.scales``/``.zeros``.
+- dense, quantized: ``.codes`` [out, ceil(in*bits/8)] with ``.scales``/``.zeros``.
+
+Every other tensor (embeddings, norms, lm_head, biases, skipped layers) is stored under its own name in the
+export dtype; tied weights are stored once, as in the source checkpoint.
+
+Codes are recovered from the compress output as ``round(w/scale) + zero`` and checked to give back every
+weight bit for bit, so ``load_state_dict`` returns exactly the compress output's weights cast to the export
+dtype (quantized values are decoded in float32, rounded to the source dtype, then to the export dtype, the
+same path the compress output took). The CUTLASS 2:4 layout
+(``torch.sparse._semi_structured_conversions``) round-trips on CPU for float16, but it needs float16/bfloat16
+and kernel-specific shapes, so this format keeps the generic layout above for every dtype and pattern.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from sparsegpt_export.driver import LayerRecord
+from sparsegpt_export.io import atomic_dir, load_config, load_records
+from sparsegpt_export.solver import expand_groups
+
+from .dense import (cast, copy_side_files, dtype_name, read_checkpoint, read_config, read_safetensors,
+                    resolve_dtype, write_config)
+
+FORMAT = "sparse24"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.sparse24.safetensors"
+PACKED_SUFFIXES = ("codes", "positions", "scales", "zeros", "values", "bitmask")
+
+
+# ---------------------------------------------------------------------------------------------- bit packing
+def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """[rows, k] integers < 2^bits -> [rows, ceil(k*bits/8)] uint8: per row one little-endian bit stream."""
+    a = x.to(torch.uint8).contiguous().numpy()
+    rows, k = a.shape
+    stream = np.unpackbits(a[..., None], axis=-1, bitorder="little")[..., :bits].reshape(rows, k * bits)
+    return torch.from_numpy(np.packbits(stream, axis=-1, bitorder="little"))
+
+
+def unpack_bits(p: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: [rows, ceil(k*bits/8)] uint8 -> [rows, k] uint8."""
+    a = p.contiguous().numpy()
+    stream = np.unpackbits(a, axis=-1, count=k * bits, bitorder="little").reshape(a.shape[0], k, bits)
+    return torch.from_numpy(np.packbits(stream, axis=-1, bitorder="little")[..., 0])
+
+
+def position_bits(m: int) -> int:
+    return max(1, math.ceil(math.log2(m)))
+
+
+def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
+    if ":" not in pattern:
+        return None
+    n, m = (int(x) for x in pattern.split(":"))
+    return n, m
+
+
+def _packed_bytes(nbits: int) -> int:
+    return (nbits + 7) // 8
+
+
+# ---------------------------------------------------------------------------------------------- grids
+def _grid(name: str, shape: tuple[int, int], bits: int, group_size: Optional[int], scales: torch.Tensor,
+          zeros: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of every weight, float32 [out, in]; symmetric grids use zero = 2^(bits-1)."""
+    rows, cols = shape
+    ngroups = -(-cols // (group_size or cols))
+    if tuple(scales.shape) != (rows, ngroups):
+        raise ValueError(f"layer {name}: scales have shape {tuple(scales.shape)}, expected {(rows, ngroups)}")
+    if zeros is not None and tuple(zeros.shape) != (rows, ngroups):
+        raise ValueError(f"layer {name}: zeros have shape {tuple(zeros.shape)}, expected {(rows, ngroups)}")
+    s = scales.float()
+    z = zeros.float() if zeros is not None else torch.full_like(s, float(2 ** (bits - 1)))
+    return expand_groups(s, z, cols, group_size)
+
+
+def _codes(name: str, rec: LayerRecord, w: torch.Tensor) -> torch.Tensor:
+    """The integer codes of ``w`` [out, in], checked to reproduce every weight exactly (uint8)."""
+    if rec.scales is None or (not rec.sym and rec.zeros is None):
+        raise ValueError(f"layer {name}: {rec.bits}-bit layer without scales/zeros in the quantization sidecar")
+    s, z = _grid(name, rec.shape, rec.bits, rec.group_size, rec.scales, None if rec.sym else rec.zeros)
+    q = (torch.round(w.float() / s) + z).clamp(0, 2**rec.bits - 1)
+    bad = (s * (q - z)).to(w.dtype) != w
+    if bad.any():
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"layer {name}: weight {w[r, c].item():g} at row {r}, column {c} is not on its {rec.bits}-bit grid "
+            f"(scale {s[r, c].item():g}); the weights and the quantization sidecar do not match"
+        )
+    return q.to(torch.uint8)
+
+
+def _dequant(name: str, meta: dict, codes: torch.Tensor, scales: torch.Tensor,
+             zeros: Optional[torch.Tensor]) -> torch.Tensor:
+    """Codes [out, in] -> values in the source dtype (the exact compress output)."""
+    s, z = _grid(name, tuple(meta["shape"]), meta["bits"], meta["group_size"], scales, zeros)
+    return (s * (codes.float() - z)).to(getattr(torch, meta["source_dtype"]))
+
+
+# ---------------------------------------------------------------------------------------------- packing
+def _check_nm(name: str, nz: torch.Tensor, n: int, m: int) -> None:
+    """``nz`` [out, groups, m] bool: at most n nonzeros per group, else a ValueError naming the first offender."""
+    count = nz.sum(-1)
+    if (count > n).any():
+        r, g = (int(i) for i in (count > n).nonzero()[0])
+        raise ValueError(
+            f"layer {name}: {int(count[r, g])} nonzeros in a group of {m} at row {r}, group {g}; not {n}:{m}")
+
+
+def _kept_positions(nz: torch.Tensor, n: int) -> torch.Tensor:
+    """[out, groups, m] bool -> [out, groups, n] ascending slot indices: the nonzeros, then the first free slots."""
+    m = nz.shape[-1]
+    key = (~nz).long() * m + torch.arange(m)
+    return key.argsort(dim=-1)[..., :n].sort(dim=-1).values
+
+
+def pack_layer(name: str, rec: LayerRecord, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of one compressed layer ``w`` [out, in] (in its source dtype), keyed by suffix."""
+    rows, cols = rec.shape
+    out: dict[str, torch.Tensor] = {}
+    nm = parse_nm(rec.pattern)
+    if nm:  # the pattern first: a broken pattern is the likelier (and clearer) error
+        n, m = nm
+        if cols % m:
+            raise ValueError(f"layer {name}: {cols} input columns are not a multiple of M={m} ({rec.pattern})")
+        nz = (w != 0).reshape(rows, cols // m, m)
+        _check_nm(name, nz, n, m)
+    codes = _codes(name, rec, w) if rec.bits else None
+    if rec.bits:
+        out["scales"] = rec.scales.contiguous()
+        if not rec.sym:
+            out["zeros"] = rec.zeros.to(torch.uint8).contiguous()
+    if nm:
+        pos = _kept_positions(nz, n)
+        out["positions"] = pack_bits(pos.reshape(rows, -1), position_bits(m))
+        if codes is not None:
+            out["codes"] = pack_bits(codes.reshape(rows, -1, m).gather(-1, pos).reshape(rows, -1), rec.bits)
+        else:
+            out["values"] = w.reshape(rows, -1, m).gather(-1, pos).reshape(rows, -1).to(dtype).contiguous()
+    elif rec.pattern == "unstructured":
+        nz = w != 0
+        out["bitmask"] = torch.from_numpy(np.packbits(nz.numpy(), axis=1))
+        if codes is not None:
+            out["codes"] = pack_bits(codes[nz][None], rec.bits)[0]
+        else:
+            out["values"] = w[nz].to(dtype).contiguous()
+    elif rec.pattern == "dense" and codes is not None:
+        out["codes"] = pack_bits(codes, rec.bits)
+    elif rec.pattern == "dense":
+        out["weight"] = w.to(dtype).contiguous()
+    else:
+        raise ValueError(f"layer {name}: unknown pattern {rec.pattern!r}")
+    return out
+
+
+def _conv1d_modules(src: Path, names: list[str]) -> set[str]:
+    """The layers stored transposed ([in, out], GPT-2's Conv1D), found on a weightless (meta) instance."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparsegpt_export.models import strip_quantization_config
+
+    config = AutoConfig.from_pretrained(str(src))
+    strip_quantization_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n for n in names if type(model.get_submodule(n)).__name__ == "Conv1D"}
+
+
+def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
+           overwrite: bool = False) -> Path:
+    """Write the compress output ``src`` to ``out`` in the sparse24 format (other tensors in ``dtype``)."""
+    from safetensors.torch import save_file
+
+    src = Path(src)
+    config = read_config(src)
+    dt = resolve_dtype(config, dtype)
+    records = load_records(src)
+    tensors = read_checkpoint(src)
+    transposed = _conv1d_modules(src, list(records))
+    packed: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for name, rec in records.items():
+        w = tensors.pop(f"{name}.weight", None)
+        if w is None:
+            raise ValueError(f"layer {name}: {name}.weight is missing from the checkpoint in {src}")
+        w = w.t() if name in transposed else w
+        if tuple(w.shape) != tuple(rec.shape):
+            raise ValueError(f"layer {name}: weight of shape {tuple(w.shape)}, but the record says {tuple(rec.shape)}")
+        packed.update({f"{name}.{k}": v for k, v in pack_layer(name, rec, w, dt).items()})
+        layers[name] = {
+            "pattern": rec.pattern, "bits": rec.bits, "group_size": rec.group_size, "sym": rec.sym,
+            "shape": list(rec.shape), "transposed": name in transposed, "source_dtype": dtype_name(w.dtype),
+        }
+    clash = sorted(set(packed) & set(tensors))
+    if clash:
+        raise ValueError(f"{src}: tensor names {clash[:3]} clash with the sparse24 layer tensors")
+    packed.update({k: cast(v, dt) for k, v in tensors.items()})
+
+    cfg = load_config(src)
+    first = next(iter(records.values()), None)
+    config["quantization_config"] = {
+        "quant_method": "sparsegpt", "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype_name(dt),
+        "pattern": cfg.pattern if cfg else (first.pattern if first else None),
+        "bits": cfg.bits if cfg else (first.bits if first else None),
+        "group_size": cfg.group_size if cfg else (first.group_size if first else None),
+        "sym": cfg.sym if cfg else (first.sym if first else True),
+        "layers": layers,
+    }
+    meta = {"format": "pt", "sparsegpt_format": FORMAT, "format_version": str(FORMAT_VERSION)}
+    with atomic_dir(out, overwrite) as tmp:
+        save_file(packed, str(tmp / WEIGHTS_FILE), metadata=meta)
+        write_config(config, tmp, dt)
+        copy_side_files(src, tmp)
+    return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def read_quant_config(folder: str | os.PathLike) -> dict:
+    """The sparse24 ``quantization_config`` of ``folder``, checked for format and version."""
+    qc = read_config(folder).get("quantization_config") or {}
+    f = Path(folder) / "config.json"
+    if qc.get("quant_method") != "sparsegpt" or qc.get("format") != FORMAT:
+        raise ValueError(f"{f}: not a sparse24 export (quantization_config format {qc.get('format')!r})")
+    version = qc.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ValueError(f"{f}: sparse24 format_version {version!r} is not supported "
+                         f"(this package reads 1..{FORMAT_VERSION})")
+    return qc
+
+
+def _unpack_layer(name: str, meta: dict, take: Callable[[str, tuple, Optional[torch.dtype]], torch.Tensor]) -> torch.Tensor:
+    """The layer's weight in its checkpoint layout, from its tensors (``take(suffix, shape, dtype)``, checked)."""
+    rows, cols = meta["shape"]
+    bits, gs, u8 = meta["bits"], meta["group_size"], torch.uint8
+    nm = parse_nm(meta["pattern"])
+    if bits:
+        ngroups = -(-cols // (gs or cols))
+        scales = take("scales", (rows, ngroups), None)
+        zeros = take("zeros", (rows, ngroups), u8) if not meta["sym"] else None
+        z = zeros if zeros is not None else torch.full((rows, ngroups), 2 ** (bits - 1), dtype=u8)
+        codes = expand_groups(z, z, cols, gs)[0].clone()  # every code the zero point (value 0) until filled
+
+        def packed_codes(shape: tuple, k: int) -> torch.Tensor:
+            t = take("codes", shape, u8)
+            return unpack_bits(t if t.dim() == 2 else t[None], bits, k)
+
+    if nm:
+        n, m = nm
+        if cols % m:
+            raise ValueError(f"layer {name}: recorded shape {(rows, cols)} is not a multiple of M={m}")
+        k, pb = cols // m * n, position_bits(m)
+        pos = unpack_bits(take("positions", (rows, _packed_bytes(k * pb)), u8), pb, k).long().reshape(rows, -1, n)
+        if (pos >= m).any() or (pos.diff(dim=-1) <= 0).any():
+            raise ValueError(f"layer {name}: positions are not ascending indices below {m}; the file is corrupt")
+        if bits:
+            kept = packed_codes((rows, _packed_bytes(k * bits)), k)
+            codes.reshape(rows, -1, m).scatter_(-1, pos, kept.reshape(rows, -1, n))
+            w = _dequant(name, meta, codes, scales, zeros)
+        else:
+            vals = take("values", (rows, k), None)
+            w = torch.zeros(rows, cols, dtype=vals.dtype)
+            w.reshape(rows, -1, m).scatter_(-1, pos, vals.reshape(rows, -1, n))
+    elif meta["pattern"] == "unstructured":
+        bitmask = take("bitmask", (rows, _packed_bytes(cols)), u8).numpy()
+        nz = torch.from_numpy(np.unpackbits(bitmask, axis=1, count=cols).astype(bool))
+        nnz = int(nz.sum())
+        if bits:
+            codes[nz] = packed_codes((_packed_bytes(nnz * bits),), nnz)[0]
+            w = _dequant(name, meta, codes, scales, zeros)
+        else:
+            vals = take("values", (nnz,), None)
+            w = torch.zeros(rows, cols, dtype=vals.dtype)
+            w[nz] = vals
+    elif meta["pattern"] == "dense" and bits:
+        w = _dequant(name, meta, packed_codes((rows, _packed_bytes(cols * bits)), cols), scales, zeros)
+    elif meta["pattern"] == "dense":
+        w = take("weight", (rows, cols), None)
+    else:
+        raise ValueError(f"layer {name}: unknown pattern {meta['pattern']!r}")
+    return w.t().contiguous() if meta.get("transposed") else w
+
+
+def load_state_dict(folder: str | os.PathLike, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The dense state dict of a sparse24 export, in the checkpoint's own layout and in ``dtype``
+    (default: the export dtype). Everything is read and checked before anything is returned."""
+    folder = Path(folder)
+    qc = read_quant_config(folder)
+    export_dt = resolve_dtype({}, qc.get("dtype", "float16"))
+    dt = resolve_dtype({}, dtype) if dtype is not None else export_dt
+    f = folder / WEIGHTS_FILE
+    tensors, file_meta = read_safetensors(f)
+    if int(file_meta.get("format_version", "1")) > FORMAT_VERSION:
+        raise ValueError(f"{f}: format_version {file_meta['format_version']} is newer than this package reads "
+                         f"({FORMAT_VERSION})")
+    state: dict[str, torch.Tensor] = {}
+    for name, meta in qc.get("layers", {}).items():
+        def take(suffix: str, shape: tuple, want: Optional[torch.dtype], name: str = name) -> torch.Tensor:
+            key = f"{name}.{suffix}"
+            t = tensors.pop(key, None)
+            if t is None:
+                raise ValueError(f"{f}: tensor {key} of layer {name} is missing")
+            if tuple(t.shape) != tuple(shape) or (want is not None and t.dtype != want):
+                raise ValueError(f"{f}: layer {name}: {key} has shape {tuple(t.shape)} {dtype_name(t.dtype)}, "
+                                 f"expected {tuple(shape)}{' ' + dtype_name(want) if want else ''} for the recorded "
+                                 f"shape {tuple(meta['shape'])}")
+            return t
+
+        try:
+            w = _unpack_layer(name, meta, take)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{folder / 'config.json'}: layer {name}: malformed layer record ({e!r})") from None
+        state[f"{name}.weight"] = w.to(export_dt).to(dt)  # the same rounding path as the compress output
+    left = sorted(k for k in tensors if k.rpartition(".")[0] in qc.get("layers", {})
+                  and k.rpartition(".")[2] in PACKED_SUFFIXES + ("weight",))
+    if left:
+        raise ValueError(f"{f}: unexpected tensors {left[:3]} (not used by their layer's recorded pattern)")
+    state.update({k: cast(v, dt) for k, v in tensors.items()})
+    return state
+
+
+def load_model(folder: str | os.PathLike, dtype: str | torch.dtype | None = None):
+    """An ``AutoModelForCausalLM`` (eval mode) with the decompressed weights of a sparse24 export."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    from sparsegpt_export.models import strip_quantization_config
+
+    folder = Path(folder)
+    state = load_state_dict(folder, dtype)
+    config = AutoConfig.from_pretrained(str(folder))
+    strip_quantization_config(config)
+    dt = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dt)
+    expected = model.state_dict()
+    # tied weights are stored once: a missing name is fine when it shares its tensor with a loaded one
+    loaded_ptrs = {expected[k].data_ptr() for k in state if k in expected}
+    missing = [k for k in expected if k not in state and expected[k].data_ptr() not in loaded_ptrs]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{folder}: the weights do not fit {type(model).__name__}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]}")
+    model.load_state_dict(state, strict=False)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(folder))
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+def theoretical_bytes(records: dict[str, LayerRecord], value_dtype: torch.dtype = torch.float16) -> int:
+    """The ideal size of the compressed layers: codes (or values) + positions (or bitmask) + scales/zeros,
+    without any padding, for reporting against the bytes actually written."""
+    nbits = 0
+    for rec in records.values():
+        numel = rec.shape[0] * rec.shape[1]
+        nm = parse_nm(rec.pattern)
+        if nm:
+            kept, index_bits = numel * nm[0] / nm[1], numel * nm[0] / nm[1] * position_bits(nm[1])
+        elif rec.pattern == "unstructured":
+            kept, index_bits = round(numel * (1 - rec.sparsity)), numel
+        else:
+            kept, index_bits = numel, 0
+        nbits += kept * (rec.bits or torch.finfo(value_dtype).bits) + index_bits
+        for t in (rec.scales, rec.zeros):
+            nbits += 0 if t is None else t.numel() * t.element_size() * 8
+    return math.ceil(nbits / 8)
