@@ -67,9 +67,6 @@ def evaluate(model_dir: str, windows: int, seqlen: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sparsegpt_export.calibration import load_eval_text
-    from sparsegpt_export.evaluation import perplexity
-
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     return _eval_model(model, tok, windows, seqlen)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -89,7 +89,6 @@ class SolveResult:
     rel_error: float = 0.0
     seconds: float = 0.0
     dead_inputs: int = 0
-    extra: dict = field(default_factory=dict)
 
     def codes(self, spec: QuantSpec) -> torch.Tensor:
         """Integer codes [rows, cols] (uint8) recovered from the weight and the scales."""
