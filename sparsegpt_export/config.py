@@ -60,6 +60,7 @@ class SparseGPTConfig:
     hessian_dtype: str = "float32"
     fit_scales_to_kept: bool = True
     clip_search: bool = True
+    refit_scales: bool = True
     scale_dtype: Optional[str] = None
     targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)

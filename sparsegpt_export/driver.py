@@ -315,7 +315,7 @@ def compress_model(
         res: SolveResult = sparsegpt_solve(
             W.to(device), H, sparsity=config.sparsity if config.prunes else 0.0, n=n, m=m, quant=quant,
             blocksize=config.blocksize, mask_blocksize=config.mask_blocksize, damp=config.damp,
-            fit_scales_to_kept=config.fit_scales_to_kept, name=lname,
+            fit_scales_to_kept=config.fit_scales_to_kept, refit_scales=config.refit_scales, name=lname,
         )
         set_weight(module, res.weight)
         pattern = config.pattern if config.prunes else "dense"

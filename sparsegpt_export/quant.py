@@ -69,12 +69,18 @@ def codes_of(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def fit_params(w: torch.Tensor, spec: QuantSpec, keep: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_params(
+    w: torch.Tensor,
+    spec: QuantSpec,
+    keep: Optional[torch.Tensor] = None,
+    col_weight: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale/zero for the columns of ``w`` [rows, cols] (one group).
 
     Only the weights in ``keep`` (bool, same shape) are fitted: pruned weights are exactly 0 whatever the grid,
     so they should not widen the range. With ``clip_search`` the range is shrunk by the factor that minimises
-    the squared quantization error of the kept weights (a small grid search per row).
+    the squared quantization error of the kept weights (a small grid search per row), each column's error
+    weighted by ``col_weight`` [cols] when given (the solver passes the OBS cost ``1 / [U]_jj^2``).
     Returns ``scale, zero`` of shape [rows, 1].
     """
     w = w.float()
@@ -97,6 +103,8 @@ def fit_params(w: torch.Tensor, spec: QuantSpec, keep: Optional[torch.Tensor] = 
     err = (quantize(w.unsqueeze(0), scale, zero, spec.maxq) - w.unsqueeze(0)).pow(2)
     if weight is not None:
         err = err * weight.unsqueeze(0)
+    if col_weight is not None:
+        err = err * col_weight.to(err.dtype).reshape(1, 1, -1)
     best = err.sum(dim=2).argmin(dim=0)  # [rows]
     rows = torch.arange(w.shape[0], device=w.device)
     return scale[best, rows], zero[best, rows]

@@ -154,6 +154,7 @@ def sparsegpt_solve(
     mask_blocksize: int = 128,
     damp: float = 0.01,
     fit_scales_to_kept: bool = True,
+    refit_scales: bool = True,
     name: str = "",
 ) -> SolveResult:
     """Prune (N:M when ``n`` and ``m`` are set, else unstructured at ``sparsity``) and optionally quantize ``W``.
@@ -191,7 +192,7 @@ def sparsegpt_solve(
         keep0 = None
         if prune and fit_scales_to_kept:
             keep0 = ~_provisional_mask(Wf, U, sparsity, n, m)
-        s, z = fit_params(Wf.float(), quant, keep0)
+        s, z = fit_params(Wf.float(), quant, keep0, _obs_weight(U))
         scales[:, 0:1], zeros[:, 0:1] = s, z
 
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
@@ -213,24 +214,26 @@ def sparsegpt_solve(
                 tmp = W1[:, i:j2] ** 2 / (d1[i:j2].reshape(1, -1) ** 2)
                 k = round(sparsity * rows * (col + j2 - i)) - round(sparsity * rows * col)
                 mask1[:, i:j2] = _choose_unstructured(tmp, k)
-            if n and i % m == 0:
-                tmp = W1[:, i:i + m] ** 2 / (d1[i:i + m].reshape(1, -1) ** 2)
-                mask1[:, i:i + m] = _choose_nm(tmp, n, m)
             if quant is not None and g and col % g == 0:
                 ge = min(i + g, count)
                 keep = None
                 if prune and fit_scales_to_kept:
                     keep = ~mask1[:, i:ge] if not n else ~_choose_nm(
                         W1[:, i:ge] ** 2 / (d1[i:ge].reshape(1, -1) ** 2), n, m)
-                s, z = fit_params(W1[:, i:ge].float(), quant, keep)
+                s, z = fit_params(W1[:, i:ge].float(), quant, keep, 1.0 / d1[i:ge].float() ** 2)
                 scales[:, col // g:col // g + 1], zeros[:, col // g:col // g + 1] = s, z
             if quant is not None:
                 gi = col // g if g else 0
-                scale_c = scales[:, gi].to(hdtype)
-                zero_c = zeros[:, gi].to(hdtype)
+                scale_c = scales[:, gi].to(hdtype).reshape(-1, 1)
+                zero_c = zeros[:, gi].to(hdtype).reshape(-1, 1)
+            if n and i % m == 0:
+                wm = W1[:, i:i + m]
+                # OBS cost of dropping a weight, less what keeping it would cost anyway (its quantization error)
+                gain = wm**2 if quant is None else wm**2 - (wm - quantize(wm, scale_c, zero_c, maxq)) ** 2
+                mask1[:, i:i + m] = _choose_nm(gain / (d1[i:i + m].reshape(1, -1) ** 2), n, m)
             w = W1[:, i]
             if quant is not None:
-                q = quantize(w, scale_c, zero_c, maxq)
+                q = quantize(w, scale_c[:, 0], zero_c[:, 0], maxq)
             else:
                 q = w.clone()
             q.masked_fill_(mask1[:, i], 0.0)
@@ -245,6 +248,8 @@ def sparsegpt_solve(
 
     Wq = Wf.to(torch.float32)
     Wq[mask] = 0.0  # exact zeros (also of dead inputs already zeroed)
+    if quant is not None and refit_scales:
+        Wq, scales = _refit_scales(Wq, W0, H, scales, zeros, quant)
     delta = (Wq - W0).to(hdtype)
     Wd = W0.to(hdtype)
     num = (delta.matmul(H) * delta).sum().item()
@@ -261,6 +266,48 @@ def sparsegpt_solve(
         seconds=time.perf_counter() - t0,
         dead_inputs=int(dead.sum().item()),
     )
+
+
+def _obs_weight(U: torch.Tensor) -> torch.Tensor:
+    return 1.0 / torch.diag(U).float() ** 2
+
+
+def _refit_scales(Wq, W0, H, scales, zeros, spec: QuantSpec):
+    """With the mask and the integer codes fixed, choose each row's group scales by least squares in the layer
+    objective ``(Wq - W) H (Wq - W)^T`` (one small [ngroups x ngroups] system per row), rounded to the storage
+    dtype. A row keeps its old scales unless the new ones lower its error. Returns ``(weight, scales)``.
+    """
+    rows, cols = Wq.shape
+    G = scales.shape[1]
+    idx = torch.arange(cols, device=Wq.device) // (spec.group_size or cols)
+    S = scales[:, idx]
+    C = torch.round(Wq / S)  # code - zero: integers, 0 where pruned
+    Hd = H.to(torch.float64)
+    Cd = C.to(torch.float64)
+    HW = W0.to(torch.float64).matmul(Hd)
+    A = torch.zeros(rows, G, G, dtype=torch.float64, device=Wq.device)
+    b = torch.zeros(rows, G, dtype=torch.float64, device=Wq.device).index_add_(1, idx, Cd * HW)
+    for a in range(G):
+        sa = idx == a
+        CHa = Cd[:, sa].matmul(Hd[sa, :])
+        A[:, a, :] = torch.zeros(rows, G, dtype=torch.float64, device=Wq.device).index_add_(1, idx, CHa * Cd)
+    diag = A.diagonal(dim1=1, dim2=2)
+    empty = diag <= 0
+    ridge = 1e-9 * diag.clamp(min=0).mean(dim=1, keepdim=True) + 1e-30
+    A = A + torch.diag_embed(torch.where(empty, torch.ones_like(diag), ridge))
+    b = torch.where(empty, scales.to(torch.float64), b)
+    new = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
+    ok = torch.isfinite(new) & (new > 0)
+    new = torch.where(ok, new, scales.to(torch.float64)).to(spec.scale_dtype).to(torch.float32)
+    new = torch.where(new > 0, new, scales)  # underflow in the storage dtype
+    Wn = C * new[:, idx]
+
+    def row_err(Wx):
+        D = (Wx.to(torch.float64) - W0.to(torch.float64))
+        return (D.matmul(Hd) * D).sum(dim=1)
+
+    better = row_err(Wn) < row_err(Wq)
+    return torch.where(better[:, None], Wn, Wq), torch.where(better[:, None], new, scales)
 
 
 def _provisional_mask(Wf, U, sparsity, n, m):

@@ -144,3 +144,18 @@ def test_columns_not_multiple_of_m():
     W, X, H = _layer(cols=130)
     with pytest.raises(SolverError, match="not a multiple of M=4"):
         sparsegpt_solve(W, H, n=2, m=4, name="x.proj")
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_refit_scales_keeps_codes_and_mask_and_never_raises_error(sym):
+    W, X, H = _layer(rows=48, cols=384, tokens=1024)
+    spec = QuantSpec(4, 128, sym)
+    a = sparsegpt_solve(W, H, n=2, m=4, quant=spec, refit_scales=False)
+    b = sparsegpt_solve(W, H, n=2, m=4, quant=spec, refit_scales=True)
+    assert torch.equal(a.mask, b.mask)
+    assert torch.equal(a.codes(spec), b.codes(spec))
+    assert b.rel_error <= a.rel_error
+    assert not torch.equal(a.scales, b.scales)  # the refit moved some scales
+    assert torch.equal(b.scales, b.scales.half().float())
+    scale, zero = expand_groups(b.scales, b.zeros, W.shape[1], 128)
+    assert torch.equal(b.weight, scale * (b.codes(spec).float() - zero))
