@@ -14,6 +14,8 @@ from sparsegpt_export.cli import COMMANDS
 FORMATS: dict[str, tuple[str, str]] = {
     "sparse24": ("packed N:M codes + positions + scales in one safetensors file (our compact format)",
                  "sparsegpt_export.converters.sparse24"),
+    "compressed-tensors": ("W4A16 pack-quantized for vLLM and transformers (symmetric 4-bit only; pattern in "
+                           "sparsity.json)", "sparsegpt_export.converters.compressed_tensors"),
     "dense": ("plain dense Hugging Face checkpoint (zeros kept) in the chosen dtype", "sparsegpt_export.converters.dense"),
 }
 

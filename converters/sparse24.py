@@ -12,7 +12,10 @@ One safetensors file, ``model.sparse24.safetensors``, and a ``config.json`` whos
                     ``.scales``    [out, ngroups] as in the compress sidecar (float16), ``.zeros`` uint8 (asym only).
                     A group with fewer than N nonzeros fills its free slots with unused positions and the zero
                     point (value 0). value = scale * (code - zero); symmetric grids have zero = 2^(bits-1).
-- N:M, unquantized: ``.values`` [out, K] in the export dtype and ``.positions`` as above.
+- N:M, unquantized: ``.values`` [out, K] in the export dtype and ``.positions`` as above; except 2:4 in
+                    float16/bfloat16 with out % 32 == 0 and in % 64 == 0 (``"layout": "cutlass"``): ``.values``
+                    [out, in/2] and ``.meta`` int16 [out, in/16] exactly as PyTorch's CUTLASS semi-structured tensor
+                    holds them (``sparse_semi_structured_from_dense_cutlass``), so a CUDA load is a copy.
 - unstructured:     ``.bitmask`` uint8 [out, ceil(in/8)], ``np.packbits`` of each row's nonzeros (row-major,
                     big-endian bit order as numpy's default), and ``.values`` [nnz] in the export dtype, or
                     ``.codes`` (the nonzeros' codes as one packed bit stream) with ``.scales``/``.zeros``.
@@ -24,12 +27,15 @@ export dtype; tied weights are stored once, as in the source checkpoint.
 Codes are recovered from the compress output as ``round(w/scale) + zero`` and checked to give back every
 weight bit for bit, so ``load_state_dict`` returns exactly the compress output's weights cast to the export
 dtype (quantized values are decoded in float32, rounded to the source dtype, then to the export dtype, the
-same path the compress output took). The CUTLASS 2:4 layout
-(``torch.sparse._semi_structured_conversions``) round-trips on CPU for float16, but it needs float16/bfloat16
-and kernel-specific shapes, so this format keeps the generic layout above for every dtype and pattern.
+same path the compress output took). Each layer's record in ``quantization_config.layers`` holds what is
+needed to allocate its tensors before reading them (`layer_tensor_specs`): shape, pattern, bits, group size,
+``scale_dtype``, ``nnz`` (unstructured) and ``layout``. The weights file is listed in
+``model.safetensors.index.json`` so that transformers finds it (with ``import sparsegpt_export``, which
+registers the loader; see ``sparsegpt_export.integrations.transformers``).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -48,7 +54,9 @@ from .dense import (cast, copy_side_files, dtype_name, read_checkpoint, read_con
 FORMAT = "sparse24"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.sparse24.safetensors"
-PACKED_SUFFIXES = ("codes", "positions", "scales", "zeros", "values", "bitmask")
+INDEX_FILE = "model.safetensors.index.json"
+PACKED_SUFFIXES = ("codes", "positions", "scales", "zeros", "values", "bitmask", "meta")
+_CUTLASS_DTYPES = (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------- bit packing
@@ -137,6 +145,12 @@ def _kept_positions(nz: torch.Tensor, n: int) -> torch.Tensor:
     return key.argsort(dim=-1)[..., :n].sort(dim=-1).values
 
 
+def uses_cutlass_layout(pattern: str, bits: Optional[int], shape, dtype: torch.dtype) -> bool:
+    """Unquantized 2:4 in float16/bfloat16 with shapes CUTLASS takes: stored in its own layout."""
+    rows, cols = shape
+    return pattern == "2:4" and not bits and dtype in _CUTLASS_DTYPES and rows % 32 == 0 and cols % 64 == 0
+
+
 def pack_layer(name: str, rec: LayerRecord, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors of one compressed layer ``w`` [out, in] (in its source dtype), keyed by suffix."""
     rows, cols = rec.shape
@@ -153,7 +167,11 @@ def pack_layer(name: str, rec: LayerRecord, w: torch.Tensor, dtype: torch.dtype)
         out["scales"] = rec.scales.contiguous()
         if not rec.sym:
             out["zeros"] = rec.zeros.to(torch.uint8).contiguous()
-    if nm:
+    if uses_cutlass_layout(rec.pattern, rec.bits, rec.shape, dtype):
+        from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+        out["values"], out["meta"] = (t.contiguous() for t in sparse_semi_structured_from_dense_cutlass(w.to(dtype)))
+    elif nm:
         pos = _kept_positions(nz, n)
         out["positions"] = pack_bits(pos.reshape(rows, -1), position_bits(m))
         if codes is not None:
@@ -213,7 +231,12 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
         layers[name] = {
             "pattern": rec.pattern, "bits": rec.bits, "group_size": rec.group_size, "sym": rec.sym,
             "shape": list(rec.shape), "transposed": name in transposed, "source_dtype": dtype_name(w.dtype),
+            "layout": "cutlass" if uses_cutlass_layout(rec.pattern, rec.bits, rec.shape, dt) else "packed",
         }
+        if rec.bits:
+            layers[name]["scale_dtype"] = dtype_name(rec.scales.dtype)
+        if rec.pattern == "unstructured":
+            layers[name]["nnz"] = int((w != 0).sum())
     clash = sorted(set(packed) & set(tensors))
     if clash:
         raise ValueError(f"{src}: tensor names {clash[:3]} clash with the sparse24 layer tensors")
@@ -232,12 +255,36 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
     meta = {"format": "pt", "sparsegpt_format": FORMAT, "format_version": str(FORMAT_VERSION)}
     with atomic_dir(out, overwrite) as tmp:
         save_file(packed, str(tmp / WEIGHTS_FILE), metadata=meta)
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in packed.values()),
+                              "sparsegpt_format": FORMAT},
+                 "weight_map": {k: WEIGHTS_FILE for k in sorted(packed)}}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+        config["quantization_config"]["sha256"] = {WEIGHTS_FILE: file_sha256(tmp / WEIGHTS_FILE)}
         write_config(config, tmp, dt)
         copy_side_files(src, tmp)
     return Path(out)
 
 
 # ---------------------------------------------------------------------------------------------- loading
+def file_sha256(f: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_files(folder: Path, qc: dict) -> None:
+    """The weights files hash to what the export recorded, else a ValueError naming the file."""
+    for name, digest in (qc.get("sha256") or {}).items():
+        f = Path(folder) / name
+        if f.is_file() and file_sha256(f) != digest:
+            raise ValueError(f"{f}: its SHA-256 differs from the one recorded in config.json at export; the file was "
+                             "modified or is corrupt")
+
+
 def read_quant_config(folder: str | os.PathLike) -> dict:
     """The sparse24 ``quantization_config`` of ``folder``, checked for format and version."""
     qc = read_config(folder).get("quantization_config") or {}
@@ -251,55 +298,115 @@ def read_quant_config(folder: str | os.PathLike) -> dict:
     return qc
 
 
-def _unpack_layer(name: str, meta: dict, take: Callable[[str, tuple, Optional[torch.dtype]], torch.Tensor]) -> torch.Tensor:
-    """The layer's weight in its checkpoint layout, from its tensors (``take(suffix, shape, dtype)``, checked)."""
+def layer_tensor_specs(meta: dict, value_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The stored tensors of one layer record: ``{suffix: (shape, dtype)}``, values in ``value_dtype``."""
     rows, cols = meta["shape"]
     bits, gs, u8 = meta["bits"], meta["group_size"], torch.uint8
     nm = parse_nm(meta["pattern"])
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     if bits:
         ngroups = -(-cols // (gs or cols))
-        scales = take("scales", (rows, ngroups), None)
-        zeros = take("zeros", (rows, ngroups), u8) if not meta["sym"] else None
-        z = zeros if zeros is not None else torch.full((rows, ngroups), 2 ** (bits - 1), dtype=u8)
-        codes = expand_groups(z, z, cols, gs)[0].clone()  # every code the zero point (value 0) until filled
-
-        def packed_codes(shape: tuple, k: int) -> torch.Tensor:
-            t = take("codes", shape, u8)
-            return unpack_bits(t if t.dim() == 2 else t[None], bits, k)
-
-    if nm:
+        specs["scales"] = ((rows, ngroups), resolve_dtype({}, meta.get("scale_dtype", "float16")))
+        if not meta["sym"]:
+            specs["zeros"] = ((rows, ngroups), u8)
+    if meta.get("layout") == "cutlass":
+        specs["values"] = ((rows, cols // 2), value_dtype)
+        specs["meta"] = ((rows, cols // 16), torch.int16)
+    elif nm:
         n, m = nm
         if cols % m:
-            raise ValueError(f"layer {name}: recorded shape {(rows, cols)} is not a multiple of M={m}")
+            raise ValueError(f"recorded shape {(rows, cols)} is not a multiple of M={m}")
+        k = cols // m * n
+        specs["positions"] = ((rows, _packed_bytes(k * position_bits(m))), u8)
+        specs["codes" if bits else "values"] = ((rows, _packed_bytes(k * bits)), u8) if bits else ((rows, k), value_dtype)
+    elif meta["pattern"] == "unstructured":
+        nnz = int(meta["nnz"])
+        specs["bitmask"] = ((rows, _packed_bytes(cols)), u8)
+        specs["codes" if bits else "values"] = ((_packed_bytes(nnz * bits),), u8) if bits else ((nnz,), value_dtype)
+    elif meta["pattern"] == "dense":
+        specs["codes" if bits else "weight"] = ((rows, _packed_bytes(cols * bits)), u8) if bits else ((rows, cols), value_dtype)
+    else:
+        raise ValueError(f"unknown pattern {meta['pattern']!r}")
+    return specs
+
+
+def unpack_layer(name: str, meta: dict, take: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """The layer's weight [out, in] (not transposed back) from its tensors, ``take(suffix)`` (CPU, checked
+    against `layer_tensor_specs`). Quantized layers come back in their source dtype, others as stored."""
+    rows, cols = meta["shape"]
+    bits, gs = meta["bits"], meta["group_size"]
+    nm = parse_nm(meta["pattern"])
+    if bits:
+        ngroups = -(-cols // (gs or cols))
+        scales = take("scales")
+        zeros = take("zeros") if not meta["sym"] else None
+        z = zeros if zeros is not None else torch.full((rows, ngroups), 2 ** (bits - 1), dtype=torch.uint8)
+        codes = expand_groups(z, z, cols, gs)[0].clone()  # every code the zero point (value 0) until filled
+
+        def packed_codes(k: int) -> torch.Tensor:
+            t = take("codes")
+            return unpack_bits(t if t.dim() == 2 else t[None], bits, k)
+
+    if meta.get("layout") == "cutlass":
+        from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
+
+        w = sparse_semi_structured_to_dense_cutlass(take("values"), take("meta"))
+        if not bool(((w != 0).reshape(rows, -1, 4).sum(-1) <= 2).all()):
+            raise ValueError(f"layer {name}: the CUTLASS metadata does not decode to 2:4; the file is corrupt")
+    elif nm:
+        n, m = nm
         k, pb = cols // m * n, position_bits(m)
-        pos = unpack_bits(take("positions", (rows, _packed_bytes(k * pb)), u8), pb, k).long().reshape(rows, -1, n)
+        pos = unpack_bits(take("positions"), pb, k).long().reshape(rows, -1, n)
         if (pos >= m).any() or (pos.diff(dim=-1) <= 0).any():
             raise ValueError(f"layer {name}: positions are not ascending indices below {m}; the file is corrupt")
         if bits:
-            kept = packed_codes((rows, _packed_bytes(k * bits)), k)
-            codes.reshape(rows, -1, m).scatter_(-1, pos, kept.reshape(rows, -1, n))
+            codes.reshape(rows, -1, m).scatter_(-1, pos, packed_codes(k).reshape(rows, -1, n))
             w = _dequant(name, meta, codes, scales, zeros)
         else:
-            vals = take("values", (rows, k), None)
+            vals = take("values")
             w = torch.zeros(rows, cols, dtype=vals.dtype)
             w.reshape(rows, -1, m).scatter_(-1, pos, vals.reshape(rows, -1, n))
     elif meta["pattern"] == "unstructured":
-        bitmask = take("bitmask", (rows, _packed_bytes(cols)), u8).numpy()
-        nz = torch.from_numpy(np.unpackbits(bitmask, axis=1, count=cols).astype(bool))
+        nz = torch.from_numpy(np.unpackbits(take("bitmask").numpy(), axis=1, count=cols).astype(bool))
         nnz = int(nz.sum())
+        if nnz != int(meta["nnz"]):
+            raise ValueError(f"layer {name}: the bitmask has {nnz} nonzeros, the record says {meta['nnz']}")
         if bits:
-            codes[nz] = packed_codes((_packed_bytes(nnz * bits),), nnz)[0]
+            codes[nz] = packed_codes(nnz)[0]
             w = _dequant(name, meta, codes, scales, zeros)
         else:
-            vals = take("values", (nnz,), None)
+            vals = take("values")
             w = torch.zeros(rows, cols, dtype=vals.dtype)
             w[nz] = vals
-    elif meta["pattern"] == "dense" and bits:
-        w = _dequant(name, meta, packed_codes((rows, _packed_bytes(cols * bits)), cols), scales, zeros)
-    elif meta["pattern"] == "dense":
-        w = take("weight", (rows, cols), None)
+    elif bits:
+        w = _dequant(name, meta, packed_codes(cols), scales, zeros)
     else:
-        raise ValueError(f"layer {name}: unknown pattern {meta['pattern']!r}")
+        w = take("weight")
+    return w
+
+
+def checked_tensor(t: Optional[torch.Tensor], name: str, suffix: str, meta: dict, value_dtype: torch.dtype,
+                   where: Any) -> torch.Tensor:
+    """``t`` (the stored ``<name>.<suffix>``) checked against the layer record, else a ValueError naming both."""
+    key = f"{name}.{suffix}"
+    if t is None:
+        raise ValueError(f"{where}: tensor {key} of layer {name} is missing")
+    shape, want = layer_tensor_specs(meta, value_dtype)[suffix]
+    if tuple(t.shape) != tuple(shape) or t.dtype != want:
+        raise ValueError(f"{where}: layer {name}: {key} has shape {tuple(t.shape)} {dtype_name(t.dtype)}, "
+                         f"expected {tuple(shape)} {dtype_name(want)} for the recorded shape {tuple(meta['shape'])}")
+    return t
+
+
+def decode_layer(name: str, meta: dict, take: Callable[[str], torch.Tensor], folder: Any) -> torch.Tensor:
+    """`unpack_layer` with malformed records reported as such, transposed back to the checkpoint layout."""
+    try:
+        w = unpack_layer(name, meta, take)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{Path(folder) / 'config.json'}: layer {name}: malformed layer record ({e!r})") from None
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if name in msg else f"layer {name}: {msg}") from None
     return w.t().contiguous() if meta.get("transposed") else w
 
 
@@ -317,27 +424,17 @@ def load_state_dict(folder: str | os.PathLike, dtype: str | torch.dtype | None =
                          f"({FORMAT_VERSION})")
     state: dict[str, torch.Tensor] = {}
     for name, meta in qc.get("layers", {}).items():
-        def take(suffix: str, shape: tuple, want: Optional[torch.dtype], name: str = name) -> torch.Tensor:
-            key = f"{name}.{suffix}"
-            t = tensors.pop(key, None)
-            if t is None:
-                raise ValueError(f"{f}: tensor {key} of layer {name} is missing")
-            if tuple(t.shape) != tuple(shape) or (want is not None and t.dtype != want):
-                raise ValueError(f"{f}: layer {name}: {key} has shape {tuple(t.shape)} {dtype_name(t.dtype)}, "
-                                 f"expected {tuple(shape)}{' ' + dtype_name(want) if want else ''} for the recorded "
-                                 f"shape {tuple(meta['shape'])}")
-            return t
+        def take(suffix: str, name: str = name, meta: dict = meta) -> torch.Tensor:
+            return checked_tensor(tensors.pop(f"{name}.{suffix}", None), name, suffix, meta, export_dt, f)
 
-        try:
-            w = _unpack_layer(name, meta, take)
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{folder / 'config.json'}: layer {name}: malformed layer record ({e!r})") from None
+        w = decode_layer(name, meta, take, folder)
         state[f"{name}.weight"] = w.to(export_dt).to(dt)  # the same rounding path as the compress output
     left = sorted(k for k in tensors if k.rpartition(".")[0] in qc.get("layers", {})
                   and k.rpartition(".")[2] in PACKED_SUFFIXES + ("weight",))
     if left:
         raise ValueError(f"{f}: unexpected tensors {left[:3]} (not used by their layer's recorded pattern)")
     state.update({k: cast(v, dt) for k, v in tensors.items()})
+    verify_files(folder, qc)  # after the structural checks, whose messages say more
     return state
 
 

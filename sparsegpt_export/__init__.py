@@ -13,3 +13,8 @@ __all__ = [
     "SparseGPTConfig", "SparseGPTQuantizer", "UnsupportedModelError", "compress_model", "find_blocks",
     "get_calibration_data", "magnitude_prune", "parse_pattern", "sparsegpt_solve", "__version__",
 ]
+
+# `import sparsegpt_export` makes transformers load sparse24 exports (quant_method "sparsegpt")
+from .integrations.transformers import register as _register_transformers  # noqa: E402
+
+_register_transformers()

@@ -164,10 +164,12 @@ def build_parser(prog: str = "sparsegpt-export") -> argparse.ArgumentParser:
     register_extra_commands()
     parser = argparse.ArgumentParser(prog=prog, description="SparseGPT pruning + joint quantization and serving exports")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.subparsers_by_name = {}  # for `optimum-cli sparsegpt CMD --help`
     for name, (help_, add, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         add(p)
         p.set_defaults(func=run)
+        parser.subparsers_by_name[name] = p
     return parser
 
 

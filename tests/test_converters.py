@@ -137,13 +137,31 @@ def test_pack_layer_round_trip(pattern, bits, sym):
                       group_size=gs if bits else None, sym=sym, scales=scales, zeros=zeros)
     packed = sparse24.pack_layer("x", rec, w, torch.float32)
     meta = {"shape": [rows, cols], "pattern": pattern, "bits": bits, "group_size": rec.group_size, "sym": sym,
-            "source_dtype": "float32"}
+            "source_dtype": "float32", "scale_dtype": "float16", "nnz": int((w != 0).sum()), "layout": "packed"}
+    assert set(packed) == set(sparse24.layer_tensor_specs(meta, torch.float32))
 
-    def take(suffix, shape, dtype):
-        assert tuple(packed[suffix].shape) == tuple(shape) and (dtype is None or packed[suffix].dtype == dtype), suffix
-        return packed[suffix]
+    def take(suffix):
+        return sparse24.checked_tensor(packed.get(suffix), "x", suffix, meta, torch.float32, "test")
 
-    assert torch.equal(sparse24._unpack_layer("x", meta, take), w)
+    assert torch.equal(sparse24.unpack_layer("x", meta, take), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cutlass_layout_round_trip(dtype):
+    g = torch.Generator().manual_seed(1)
+    rows, cols = 64, 128
+    w = torch.randn(rows, cols, generator=g)
+    keep = torch.rand(rows, cols // 4, 4, generator=g).argsort(-1) < 2
+    w = (w * keep.reshape(rows, cols).float()).to(dtype)
+    w[0, :4] = 0  # an empty group
+    rec = LayerRecord(name="x", shape=(rows, cols), pattern="2:4", sparsity=0.5, bits=None, group_size=None, sym=True)
+    packed = sparse24.pack_layer("x", rec, w, dtype)
+    assert set(packed) == {"values", "meta"} and packed["meta"].dtype == torch.int16
+    meta = {"shape": [rows, cols], "pattern": "2:4", "bits": None, "group_size": None, "sym": True, "layout": "cutlass"}
+    assert torch.equal(sparse24.unpack_layer("x", meta, lambda sfx: packed[sfx]), w)
+    # a CUTLASS tensor built from the stored values and metadata (what a CUDA load does) decodes to the same
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_to_dense_cutlass
+    assert torch.equal(sparse_semi_structured_to_dense_cutlass(packed["values"], packed["meta"]), w)
 
 
 def test_bit_packing_layout():
@@ -218,6 +236,14 @@ def test_load_rejects_bad_files(compressed, tmp_path):
     with pytest.raises(ValueError, match="format_version 99"):
         sparse24.load_model(s24)
     (s24 / "config.json").write_text(cfg)
+    # a changed code: well-formed, but the SHA-256 recorded at export no longer matches
+    def flip(t):
+        t[f"{LAYER}.codes"][0, 0] ^= 0x11
+
+    _rewrite(f, flip)
+    with pytest.raises(ValueError, match="SHA-256 differs"):
+        sparse24.load_state_dict(s24)
+    f.write_bytes(good)
     assert len(sparse24.load_state_dict(s24)) == len(load_file(str(compressed / "model.safetensors")))
 
 

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import sparsegpt_export  # noqa: F401  (registers the sparse24 loader)
+
 from conftest import DATA, nm_holds
 from sparsegpt_export import SparseGPTQuantizer
 from sparsegpt_export.calibration import load_eval_text
@@ -49,3 +51,22 @@ def test_smollm2_2of4_w4_end_to_end(tmp_path):
     assert math.isfinite(ppl)
     assert ppl < ppl_mag, (ppl, ppl_mag)
     assert (out / "sparsegpt_report.json").is_file()
+
+    # the exports load through transformers with exactly the compressed weights (float16)
+    from transformers import AutoModelForCausalLM
+
+    from sparsegpt_export.converters import compressed_tensors, sparse24
+
+    s24 = sparse24.export(out, tmp_path / "s24")
+    ctd = compressed_tensors.export(out, tmp_path / "ct")
+    ids = tok(text[:3000], return_tensors="pt").input_ids[:, :48]
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float16).eval()
+        want_logits, want_tokens = ref(ids).logits, ref.generate(ids[:, :16], **kw)
+        del ref
+        for d in (s24, ctd):
+            m = AutoModelForCausalLM.from_pretrained(str(d)).eval()
+            assert torch.equal(m(ids).logits, want_logits), d
+            assert torch.equal(m.generate(ids[:, :16], **kw), want_tokens), d
+            del m

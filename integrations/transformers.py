@@ -1,0 +1,259 @@
+"""transformers plugin: ``AutoModelForCausalLM.from_pretrained`` / ``pipeline`` for ``sparse24`` exports.
+
+``import sparsegpt_export`` registers the quantization config ``quant_method = "sparsegpt"`` and its
+``HfQuantizer``. Loading then goes:
+
+1. before the weights are read, the checkpoint's header is checked against ``quantization_config.layers``
+   (every tensor present with the shape and dtype its layer record implies, nothing extra, a known
+   ``format_version``), and every recorded layer is replaced by a `PackedSparseLinear` whose buffers are
+   exactly the stored tensors, so transformers reads the packed bytes straight into them;
+2. after loading, each layer is decoded once (the same code as `converters.sparse24.load_state_dict`, so the
+   weights are bit-identical to that path) into a plain ``nn.Linear``:
+   - on CUDA, 2:4 layers in float16/bfloat16 whose shapes the kernels take get a
+     ``torch.sparse.SparseSemiStructuredTensor`` weight (cuSPARSELt, or CUTLASS when cuSPARSELt is missing or
+     ``SparseSemiStructuredTensor._FORCE_CUTLASS`` is set; a layer stored in the CUTLASS layout is then built
+     from its stored values and metadata without recompressing). int4 codes are dequantized to the model's
+     dtype first;
+   - everywhere else (CPU, other patterns, shapes the kernels refuse) the weight is dense.
+   ``model.sparsegpt_load_report`` lists what each layer got, and why a layer fell back to dense.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
+                                          register_quantization_config, register_quantizer)
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from sparsegpt_export.converters import sparse24
+from sparsegpt_export.converters.dense import dtype_name, resolve_dtype
+
+logger = logging.getLogger("sparsegpt_export")
+
+QUANT_METHOD = "sparsegpt"
+
+
+class SparseGPTQuantizationConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a ``sparse24`` export (written by `converters.sparse24.export`)."""
+
+    def __init__(self, format: str = sparse24.FORMAT, format_version: int = sparse24.FORMAT_VERSION,
+                 dtype: str = "float16", pattern: Optional[str] = None, bits: Optional[int] = None,
+                 group_size: Optional[int] = None, sym: bool = True, layers: Optional[dict] = None, **kwargs: Any):
+        self.quant_method = QUANT_METHOD
+        self.format = format
+        self.format_version = format_version
+        self.dtype = dtype
+        self.pattern = pattern
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.layers = dict(layers or {})
+        for k, v in kwargs.items():
+            setattr(self, k, v)
+        self.post_init()
+
+    def post_init(self) -> None:
+        if self.format != sparse24.FORMAT:
+            raise ValueError(f"quantization_config: format {self.format!r} is not loadable by transformers "
+                             f"(only {sparse24.FORMAT!r}; a 'dense' export has no quantization_config)")
+        v = self.format_version
+        if not isinstance(v, int) or not 1 <= v <= sparse24.FORMAT_VERSION:
+            raise ValueError(f"quantization_config: sparse24 format_version {v!r} is not supported by this "
+                             f"sparsegpt-export (it reads 1..{sparse24.FORMAT_VERSION}); upgrade the package")
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"quantization_config: dtype {self.dtype!r} must be float16, bfloat16 or float32")
+
+
+class PackedSparseLinear(nn.Module):
+    """Placeholder for one compressed layer while transformers reads the checkpoint: its buffers are the stored
+    tensors of `converters.sparse24` (``codes``, ``positions``, ``scales``...). Replaced by a plain
+    ``nn.Linear`` right after loading; it cannot run."""
+
+    def __init__(self, name: str, record: dict, value_dtype: torch.dtype, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.layer_name = name
+        self.record = record
+        self.value_dtype = value_dtype
+        self.out_features, self.in_features = record["shape"]
+        for suffix, (shape, dtype) in sparse24.layer_tensor_specs(record, value_dtype).items():
+            self.register_buffer(suffix, torch.empty(shape, dtype=dtype, device="meta"))
+        self.bias = None if bias is None else nn.Parameter(torch.empty(bias.shape, dtype=bias.dtype, device="meta"),
+                                                           requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A weightless stand-in, for model code that touches ``.weight`` while loading (e.g. GPT-2's init)."""
+        return torch.empty(self.out_features, self.in_features, dtype=self.value_dtype, device="meta")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - replaced at load
+        raise RuntimeError(f"layer {self.layer_name}: packed sparse24 weights are decoded at load; "
+                           "this placeholder cannot run")
+
+
+def _header(files: list[str]) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict[str, str]]:
+    """Shapes and dtypes of every tensor in ``files`` and the metadata of the first, without reading data."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+    meta: dict[str, str] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                meta = meta or dict(sf.metadata() or {})
+                for k in sf.keys():
+                    sl = sf.get_slice(k)
+                    shapes[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"{f}: cannot be read as safetensors ({e}); the file is truncated or corrupt") from None
+    return shapes, meta
+
+
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "U8": torch.uint8,
+              "I16": torch.int16, "F64": torch.float64, "I8": torch.int8, "I32": torch.int32, "I64": torch.int64}
+
+
+def check_checkpoint(files: list[str], config: SparseGPTQuantizationConfig) -> None:
+    """Every layer's tensors are in ``files`` with the shape and dtype its record implies; else a ValueError
+    naming the file, layer and tensor. Runs before any weight is read."""
+    shapes, meta = _header(files)
+    where = files[0] if len(files) == 1 else Path(files[0]).parent
+    version = meta.get("format_version")
+    if version is not None and (not version.isdigit() or int(version) > sparse24.FORMAT_VERSION):
+        raise ValueError(f"{where}: sparse24 format_version {version} is newer than this package reads "
+                         f"({sparse24.FORMAT_VERSION})")
+    value_dtype = resolve_dtype({}, config.dtype)
+    for name, rec in config.layers.items():
+        try:
+            specs = sparse24.layer_tensor_specs(rec, value_dtype)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{where}: layer {name}: malformed layer record in config.json ({e!r})") from None
+        for suffix, (shape, dtype) in specs.items():
+            key = f"{name}.{suffix}"
+            if key not in shapes:
+                raise ValueError(f"{where}: tensor {key} of layer {name} is missing")
+            got_shape, got_dtype = shapes[key]
+            if got_shape != tuple(shape) or _ST_DTYPES.get(got_dtype) != dtype:
+                raise ValueError(f"{where}: layer {name}: {key} has shape {got_shape} {got_dtype}, expected "
+                                 f"{tuple(shape)} {dtype_name(dtype)} for the recorded shape {tuple(rec['shape'])}")
+        extra = [k for k in shapes if k.rpartition(".")[0] == name and k.rpartition(".")[2] not in specs
+                 and k.rpartition(".")[2] != "bias"]
+        if extra:
+            raise ValueError(f"{where}: unexpected tensors {extra[:3]} (not used by layer {name}'s recorded pattern)")
+
+
+def _semi_structured(w: torch.Tensor, record: dict, stored: dict[str, torch.Tensor]) -> tuple[Optional[torch.Tensor], str]:
+    """A ``SparseSemiStructuredTensor`` for ``w`` on CUDA, or ``None`` and the reason it stays dense."""
+    if w.device.type != "cuda":
+        return None, "not on a CUDA device"
+    if record["pattern"] != "2:4":
+        return None, f"pattern {record['pattern']} (the kernels take 2:4 only)"
+    if w.dtype not in (torch.float16, torch.bfloat16):
+        return None, f"dtype {dtype_name(w.dtype)} (the kernels take float16/bfloat16)"
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+    from torch.sparse.semi_structured import SparseSemiStructuredTensorCUTLASS
+
+    try:
+        cutlass = SparseSemiStructuredTensor._FORCE_CUTLASS or not torch.backends.cusparselt.is_available()
+        if cutlass and record.get("layout") == "cutlass" and stored["values"].dtype == w.dtype:
+            # the stored CUTLASS layout is the kernel's own: a copy, no recompression
+            return SparseSemiStructuredTensorCUTLASS(
+                w.shape, packed=stored["values"].to(w.device), meta=stored["meta"].to(w.device), packed_t=None,
+                meta_t=None, compressed_swizzled_bitmask=None), "semi-structured (cutlass, stored layout)"
+        t = to_sparse_semi_structured(w)
+        return t, f"semi-structured ({'cutlass' if cutlass else 'cusparselt'})"
+    except (RuntimeError, ValueError) as e:  # shapes the kernels refuse
+        return None, f"{str(e).splitlines()[0][:160]}"
+
+
+def _decode_into_linear(model: nn.Module, name: str, mod: PackedSparseLinear, dtype: torch.dtype,
+                        folder: Any) -> dict:
+    stored = {sfx: getattr(mod, sfx) for sfx in sparse24.layer_tensor_specs(mod.record, mod.value_dtype)}
+    device = next(iter(stored.values())).device
+
+    def take(sfx: str) -> torch.Tensor:
+        return sparse24.checked_tensor(stored[sfx].cpu(), name, sfx, mod.record, mod.value_dtype, folder)
+
+    w = sparse24.decode_layer(name, {**mod.record, "transposed": False}, take, folder)
+    w = w.to(mod.value_dtype).to(dtype).to(device)  # the same rounding path as load_state_dict
+    lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta", dtype=dtype)
+    sparse, how = _semi_structured(w, mod.record, {k: v.cpu() for k, v in stored.items()})
+    lin.weight = nn.Parameter(sparse if sparse is not None else w, requires_grad=False)
+    if mod.bias is not None:
+        lin.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, lin)
+    kernel = how if sparse is not None else "dense"
+    row = {"layer": name, "pattern": mod.record["pattern"], "bits": mod.record["bits"], "kernel": kernel}
+    if sparse is None:
+        row["reason"] = how
+    return row
+
+
+class SparseGPTHfQuantizer(HfQuantizer):
+    """Loads ``sparse24`` exports (pre-quantized only; compression itself is `SparseGPTQuantizer`)."""
+
+    requires_calibration = True
+    quantization_config: SparseGPTQuantizationConfig
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if not self.pre_quantized:
+            raise ValueError("sparsegpt: transformers can only load sparse24 exports; compress a model with "
+                             "`sparsegpt-export compress` or `SparseGPTQuantizer`")
+
+    def update_dtype(self, dtype: Optional[torch.dtype]) -> torch.dtype:
+        return dtype if dtype is not None else resolve_dtype({}, self.quantization_config.dtype)
+
+    def _process_model_before_weight_loading(self, model: nn.Module, checkpoint_files: Optional[list] = None,
+                                             **kwargs: Any) -> None:
+        cfg = self.quantization_config
+        if checkpoint_files:
+            check_checkpoint([str(f) for f in checkpoint_files], cfg)
+            sparse24.verify_files(Path(checkpoint_files[0]).parent, {"sha256": getattr(cfg, "sha256", None)})
+        value_dtype = resolve_dtype({}, cfg.dtype)
+        for name, rec in cfg.layers.items():
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"quantization_config names layer {name}, which {type(model).__name__} does not "
+                                 "have; the checkpoint and its config.json do not match") from None
+            w = getattr(old, "weight", None)
+            if w is None or w.dim() != 2:
+                raise ValueError(f"layer {name}: {type(old).__name__} is not a linear layer")
+            shape = tuple(w.shape[::-1]) if rec.get("transposed") else tuple(w.shape)
+            if shape != tuple(rec["shape"]):
+                raise ValueError(f"layer {name}: the model's weight is {shape}, the record says {tuple(rec['shape'])}")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    PackedSparseLinear(name, rec, value_dtype, getattr(old, "bias", None)))
+        self._folder = Path(checkpoint_files[0]).parent if checkpoint_files else "checkpoint"
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        rows = [_decode_into_linear(model, name, mod, dtype, self._folder)
+                for name, mod in list(model.named_modules()) if isinstance(mod, PackedSparseLinear)]
+        sparse = sum(r["kernel"] != "dense" for r in rows)
+        model.sparsegpt_load_report = {"layers": rows, "semi_structured": sparse, "dense": len(rows) - sparse}
+        fallbacks = sorted({r["reason"] for r in rows if "reason" in r})
+        logger.info("sparsegpt: %d of %d compressed layers on semi-structured kernels, %d dense (%s)",
+                    sparse, len(rows), len(rows) - sparse, "; ".join(fallbacks) or "-")
+        return model
+
+    def is_serializable(self) -> bool:
+        return False
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def register() -> None:
+    """Register the config and quantizer with transformers (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(SparseGPTQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(SparseGPTHfQuantizer)

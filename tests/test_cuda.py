@@ -1,0 +1,33 @@
+"""GPU: a sparse24 export loads onto PyTorch's semi-structured 2:4 kernels (skipped without CUDA)."""
+import pytest
+import torch
+
+import sparsegpt_export  # noqa: F401
+from sparsegpt_export.cli import main
+from sparsegpt_export.converters import sparse24
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with 2:4 sparse tensor cores")]
+
+
+@pytest.mark.parametrize("bits", ["4", "none"])
+def test_sparse24_loads_on_semi_structured_kernels(saved_tiny, tmp_path, bits):
+    from torch.sparse import SparseSemiStructuredTensor
+    from transformers import AutoModelForCausalLM
+
+    d, cal = saved_tiny
+    comp = tmp_path / "c"
+    assert main(["compress", str(d), "--dataset", str(cal), "--nsamples", "8", "--seqlen", "32", "--group-size", "32",
+                 "--pattern", "2:4", "--bits", bits, "--out", str(comp), "--no-progress"]) == 0
+    s24 = sparse24.export(comp, tmp_path / "s24")
+    model = AutoModelForCausalLM.from_pretrained(str(s24), device_map="cuda")
+    report = model.sparsegpt_load_report
+    sparse = [r["layer"] for r in report["layers"] if r["kernel"] != "dense"]
+    assert sparse, report
+    for name in sparse:
+        assert isinstance(model.get_submodule(name).weight, SparseSemiStructuredTensor), name
+    reference = sparse24.load_model(s24).to("cuda")
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)).to("cuda")
+    with torch.no_grad():
+        a, b = model(ids).logits.float(), reference(ids).logits.float()
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
