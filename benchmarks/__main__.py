@@ -1,0 +1,52 @@
+"""``python -m benchmarks run --suite {gemm,e2e,compress,all} [--device cuda|cpu] [--quick] [--out DIR]``
+
+Each suite writes ``<out>/<device-name>/<suite>.json``, a Markdown table (``.md``) and, with matplotlib, a
+PNG plot; the tables are printed last, with the ceilings (2x for 2:4 math; bytes per weight for decode).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import suites
+from .harness import RESULTS, write_results
+
+SUITES = {
+    "gemm": (suites.run_gemm, suites.gemm_table, suites.gemm_plot),
+    "e2e": (suites.run_e2e, suites.e2e_table, None),
+    "compress": (suites.run_compress, suites.compress_table, None),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run benchmark suites")
+    run.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    run.add_argument("--quick", action="store_true", help="small shapes and models: tests the harness in a minute")
+    run.add_argument("--out", default=str(RESULTS), help="results folder (a subfolder per device)")
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("python -m benchmarks: error: --device cuda, but no CUDA device is available", file=sys.stderr)
+        return 2
+    tables = []
+    for name in (SUITES if args.suite == "all" else [args.suite]):
+        fn, table, plot = SUITES[name]
+        print(f"== {name} on {device}{' (quick)' if args.quick else ''}", flush=True)
+        res = fn(device, args.quick)
+        lines = table(res)
+        folder = write_results(name, device, res, lines, Path(args.out), plot(res) if plot else None)
+        tables.append(lines + ["", f"(written to {folder / name}.json/.md)"])
+    for lines in tables:
+        print("\n" + "\n".join(lines))
+    print("\n" + "\n".join(suites.ceilings_table()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

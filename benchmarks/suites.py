@@ -1,0 +1,334 @@
+"""The suites of ``python -m benchmarks run``: gemm, e2e, compress, and the ceilings printed beside them."""
+from __future__ import annotations
+
+import gc
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .harness import environment, rel_error, timed, ratio
+
+NO_CUDA = "needs a CUDA GPU with 2:4 sparse tensor cores (Ampere or newer)"
+
+# linear shapes (out, in) of W; x is [M, in]
+SHAPES = {
+    "8B q_proj/o_proj": (4096, 4096), "8B k_proj/v_proj": (1024, 4096), "8B gate/up_proj": (14336, 4096),
+    "8B down_proj": (4096, 14336), "70B q_proj/o_proj": (8192, 8192), "70B gate/up_proj": (28672, 8192),
+    "70B down_proj": (8192, 28672),
+}
+TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
+
+
+def prune_24(w: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 largest |w| of every 4 along the input dimension (kernel speed does not depend on values)."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // 4, 4)
+    idx = g.abs().topk(2, dim=-1).indices
+    return torch.zeros_like(g).scatter_(-1, idx, g.gather(-1, idx)).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------------------------------------- ceilings
+def ceilings(group_size: int = 128) -> dict[str, Any]:
+    """Bytes per weight of each format and the decode (weight-memory-bound) ceiling against fp16 dense."""
+    scale = 2 / group_size  # one float16 scale per group
+    fmts = {
+        "fp16 dense": 2.0,
+        "fp16 2:4 (values + 2-bit metadata per kept value)": 0.5 * 2 + 0.5 * 2 / 8,
+        f"int4 dense + fp16 scales per {group_size}": 0.5 + scale,
+        f"int4 2:4 (code + 2-bit position per kept value) + fp16 scales per {group_size}": 0.5 * (4 + 2) / 8 + scale,
+    }
+    return {"math_2of4": 2.0,
+            "formats": [{"format": k, "bytes_per_weight": round(v, 4), "decode_ceiling_vs_fp16": round(2.0 / v, 3)}
+                        for k, v in fmts.items()]}
+
+
+def ceilings_table() -> list[str]:
+    c = ceilings()
+    lines = [f"Ceilings: 2:4 math at most {c['math_2of4']:.1f}x dense; weight-memory-bound decode:", "",
+             "| format | bytes/weight | decode ceiling vs fp16 dense |", "|---|---|---|"]
+    lines += [f"| {r['format']} | {r['bytes_per_weight']} | {r['decode_ceiling_vs_fp16']}x |" for r in c["formats"]]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- gemm
+def run_gemm(device: str, quick: bool) -> dict[str, Any]:
+    cuda = device.startswith("cuda")
+    shapes = dict(SHAPES)
+    tokens = list(TOKENS)
+    dtypes = [torch.float16, torch.bfloat16] if cuda else [torch.float32]
+    if quick:
+        shapes = {"8B k_proj/v_proj": SHAPES["8B k_proj/v_proj"]} if not cuda else {k: SHAPES[k] for k in ("8B gate/up_proj", "8B down_proj")}
+        tokens = [1, 16, 64] if not cuda else [16, 4096]
+    elif not cuda:  # dense float32 on a CPU: the large M take minutes each and there is nothing to compare
+        shapes = {k: v for k, v in SHAPES.items() if k.startswith("8B")}
+        tokens = [1, 16, 64]
+    rows = []
+    for dtype in dtypes:
+        for name, (out_f, in_f) in shapes.items():
+            w = prune_24(torch.randn(out_f, in_f, device=device, dtype=dtype) * 0.02)
+            for m in tokens:
+                x = torch.randn(m, in_f, device=device, dtype=dtype)
+                row: dict[str, Any] = {"shape": name, "out": out_f, "in": in_f, "tokens": m, "dtype": str(dtype)[6:]}
+                row["dense"] = timed(lambda: F.linear(x, w), device, warmup=3, repeat=5 if not cuda else 20)
+                if cuda:
+                    for backend in ("cusparselt", "cutlass"):
+                        row[backend] = _sparse_gemm(x, w, backend, device, row["dense"])
+                else:
+                    row["sparse"] = {"skipped": NO_CUDA}
+                rows.append(row)
+                print(_gemm_line(row), flush=True)
+            del w
+    return {"suite": "gemm", "env": environment(device), "quick": quick, "rows": rows, "ceilings": ceilings()}
+
+
+def _sparse_gemm(x: torch.Tensor, w: torch.Tensor, backend: str, device: str, dense: dict) -> dict[str, Any]:
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
+        return {"skipped": "cuSPARSELt is not available in this PyTorch build"}
+    old = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+    try:
+        ws = to_sparse_semi_structured(w)
+        ref = F.linear(x, w)
+        err = rel_error(ref, F.linear(x, ws))
+        if err > 1e-2:
+            return {"skipped": f"result differs from dense (relative error {err:.3g}); not timed"}
+        t = timed(lambda: F.linear(x, ws), device, warmup=3, repeat=20)
+        t.update(rel_error=err, speedup=ratio(dense, t))
+        return t
+    except (RuntimeError, ValueError) as e:
+        return {"skipped": f"{backend}: {str(e).splitlines()[0][:200]}"}
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = old
+
+
+def _gemm_line(r: dict) -> str:
+    parts = [f"{r['dtype']:8s} {r['shape']:20s} M={r['tokens']:<6d} dense {r['dense']['median_ms']:.4f} ms"]
+    for k in ("cusparselt", "cutlass", "sparse"):
+        if k in r:
+            v = r[k]
+            parts.append(f"{k} " + (f"{v['median_ms']:.4f} ms ({v['speedup']:.2f}x)" if "speedup" in v else "skipped"))
+    return "  ".join(parts)
+
+
+def gemm_table(res: dict) -> list[str]:
+    cuda = res["env"]["device"].startswith("cuda")
+    head = "| dtype | shape | M | dense ms | " + ("cuSPARSELt ms | x dense | CUTLASS ms | x dense |" if cuda else "2:4 sparse |")
+    lines = [f"gemm on {res['env']['device_name']} (median of repeats; speedup = dense median / sparse median)", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for r in res["rows"]:
+        cells = [r["dtype"], r["shape"], str(r["tokens"]), f"{r['dense']['median_ms']:.4f}"]
+        for k in (("cusparselt", "cutlass") if cuda else ("sparse",)):
+            v = r[k]
+            cells += [f"{v['median_ms']:.4f}", f"{v['speedup']:.2f}"] if "speedup" in v else (
+                ["skipped: " + v["skipped"]] + ([""] if cuda else []))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def gemm_plot(res: dict):
+    def plot(path: Path) -> None:
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in res["rows"] if any("speedup" in r.get(k, {}) for k in ("cusparselt", "cutlass"))]
+        if not rows:
+            return
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for ax, dtype in zip(axes, ("float16", "bfloat16")):
+            for shape in dict.fromkeys(r["shape"] for r in rows):
+                for k, style in (("cusparselt", "-o"), ("cutlass", "--x")):
+                    pts = [(r["tokens"], r[k]["speedup"]) for r in rows
+                           if r["shape"] == shape and r["dtype"] == dtype and "speedup" in r[k]]
+                    if pts:
+                        ax.plot(*zip(*pts), style, label=f"{shape} {k}")
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"2:4 vs dense, {dtype}")
+            ax.set_xlabel("tokens M")
+        axes[0].set_ylabel("speedup (x dense)")
+        axes[1].legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    return plot
+
+
+# ---------------------------------------------------------------------------------------------- e2e
+E2E_MODELS = {  # Llama architecture, random weights
+    "llama-1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "llama-8B": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=True),
+}
+
+
+def _random_pruned_export(cfg_kwargs: dict, work: Path, dtype: torch.dtype) -> tuple[Path, Path, int]:
+    """A random Llama with every decoder linear pruned 2:4, saved as a compress output and exported as sparse24."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparsegpt_export.config import SparseGPTConfig
+    from sparsegpt_export.converters import sparse24
+    from sparsegpt_export.driver import CompressionResult, LayerRecord, block_linears, find_blocks
+    from sparsegpt_export.io import save_compressed
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**cfg_kwargs, max_position_embeddings=4096)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    records = {}
+    path, blocks = find_blocks(model)
+    with torch.no_grad():
+        for i, b in enumerate(blocks):
+            for name, lin in block_linears(b).items():
+                full = f"{path}.{i}.{name}"
+                lin.weight.copy_(prune_24(lin.weight))
+                records[full] = LayerRecord(full, tuple(lin.weight.shape), "2:4", 0.5, None, None, True)
+    params = sum(p.numel() for p in model.parameters())
+    comp = save_compressed(model, None, CompressionResult(records, {}, SparseGPTConfig(pattern="2:4", bits=None)),
+                           work / "compressed")
+    del model
+    gc.collect()
+    return comp, sparse24.export(comp, work / "sparse24", dtype=dtype), params
+
+
+def run_e2e(device: str, quick: bool) -> dict[str, Any]:
+    import sparsegpt_export  # noqa: F401  (registers the sparse24 loader)
+    from transformers import AutoModelForCausalLM
+
+    cuda = device.startswith("cuda")
+    dtype = torch.float16 if cuda else torch.float32
+    names = ["llama-1B", "llama-8B"] if cuda and not quick else (["llama-1B"] if cuda else ["tiny"])
+    prefill = [(1, 2048), (8, 512)] if not quick else [(1, 128), (2, 64)]
+    decode = [1, 16, 64] if not quick else [1, 4]
+    new_tokens = 128 if not quick else 16
+    rows = []
+    for mname in names:
+        with tempfile.TemporaryDirectory(prefix=f"e2e-{mname}-") as tmp:
+            comp, s24, params = _random_pruned_export(E2E_MODELS[mname], Path(tmp), dtype)
+            res: dict[str, Any] = {"model": mname, "parameters": params, "dtype": str(dtype)[6:],
+                                   "note": "random weights pruned 2:4: kernel speed does not depend on the values"}
+            for variant, folder in (("dense", comp), ("sparse24", s24)):
+                if cuda:
+                    torch.cuda.empty_cache()
+                    base = torch.cuda.memory_allocated()
+                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype,
+                                                             device_map=device if cuda else None).eval()
+                r: dict[str, Any] = {}
+                if cuda:
+                    r["weights_gib_on_device"] = (torch.cuda.memory_allocated() - base) / 2**30
+                if variant == "sparse24":
+                    rep = model.sparsegpt_load_report
+                    r["layers_semi_structured"], r["layers_dense"] = rep["semi_structured"], rep["dense"]
+                vocab = model.config.vocab_size
+                with torch.no_grad():
+                    for bsz, seq in prefill:
+                        ids = torch.randint(0, vocab, (bsz, seq), device=device)
+                        r[f"prefill_{bsz}x{seq}"] = timed(lambda: model(ids, use_cache=True), device,
+                                                         warmup=2, repeat=5 if not quick else 3)
+                    for bsz in decode:
+                        ids = torch.randint(0, vocab, (bsz, 16), device=device)
+                        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=0)
+                        t = timed(lambda: model.generate(ids, **kw), device, warmup=1, repeat=3 if not quick else 2)
+                        t["tokens_per_s"] = bsz * new_tokens / (t["median_ms"] / 1e3)
+                        r[f"decode_b{bsz}"] = t
+                res[variant] = r
+                del model
+                gc.collect()
+            res["speedup"] = {k: ratio(res["dense"][k], res["sparse24"][k])
+                              for k in res["dense"] if k.startswith(("prefill", "decode"))}
+            if not cuda:
+                res["speedup_note"] = "CPU: sparse24 layers are decoded to dense at load, so about 1x is expected"
+            rows.append(res)
+            print({k: round(v, 3) for k, v in res["speedup"].items()}, flush=True)
+    return {"suite": "e2e", "env": environment(device), "quick": quick, "rows": rows, "ceilings": ceilings()}
+
+
+def e2e_table(res: dict) -> list[str]:
+    lines = [f"e2e on {res['env']['device_name']}: sparse24-loaded vs dense, same model "
+             "(random weights pruned 2:4; kernel speed does not depend on the values)", "",
+             "| model | measure | dense | sparse24 | x dense |", "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        for k, sp in r["speedup"].items():
+            d, s = r["dense"][k], r["sparse24"][k]
+            unit = (lambda t: f"{t['tokens_per_s']:.1f} tok/s") if k.startswith("decode") else (
+                lambda t: f"{t['median_ms']:.2f} ms")
+            lines.append(f"| {r['model']} | {k} | {unit(d)} | {unit(s)} | {sp:.2f} |")
+        if "weights_gib_on_device" in r["dense"]:
+            lines.append(f"| {r['model']} | weights on device | {r['dense']['weights_gib_on_device']:.2f} GiB | "
+                         f"{r['sparse24']['weights_gib_on_device']:.2f} GiB | |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- compress
+def _peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 if sys.platform != "darwin" else r / 2**20
+
+
+def run_compress(device: str, quick: bool) -> dict[str, Any]:
+    """Our pass on a random-calibration Llama (tiny with --quick, ~1B on CUDA, SmolLM2-135M on CPU), and
+    llmcompressor's beside it when installed."""
+    from sparsegpt_export import SparseGPTQuantizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cuda = device.startswith("cuda")
+    rows = []
+    for label, kw in (("2:4", dict(pattern="2:4", bits=None)), ("2:4 + w4g128", dict(pattern="2:4", bits=4))):
+        torch.manual_seed(0)
+        if quick:
+            model, source = LlamaForCausalLM(LlamaConfig(**E2E_MODELS["tiny"])).eval(), "tiny random Llama"
+            nsamples, seqlen = 8, 64
+        elif cuda:
+            model = LlamaForCausalLM(LlamaConfig(**E2E_MODELS["llama-1B"])).to(torch.float16).eval()
+            source, nsamples, seqlen = "random Llama ~1B (float16)", 128, 2048
+        else:
+            from sparsegpt_export.models import load_model
+
+            model, _ = load_model("smollm2-135m")
+            source, nsamples, seqlen = "SmolLM2-135M-Instruct", 128, 512
+        calib = torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        q = SparseGPTQuantizer(**kw, group_size=128, dataset=calib, nsamples=nsamples, seqlen=seqlen, device=device)
+        t0 = time.perf_counter()
+        q.quantize_model(model, None)
+        wall = time.perf_counter() - t0
+        row = {"tool": "sparsegpt-export", "config": label, "model": source, "calibration": f"{nsamples} x {seqlen} random tokens",
+               "wall_s": wall, "peak_rss_mb_process": _peak_rss_mb(),
+               "profile_s": {k: v for k, v in q.report.get("profile", {}).items() if isinstance(v, (int, float))}}
+        if cuda:
+            row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        rows.append(row)
+        print(f"{label}: {wall:.1f} s", flush=True)
+        del model, q
+        gc.collect()
+    try:
+        import llmcompressor  # noqa: F401
+
+        peer = {"skipped": "llmcompressor is installed, but the side-by-side run is not wired up in this harness yet"}
+    except ImportError:
+        peer = {"skipped": "llmcompressor is not installed (pip install llmcompressor, ideally into its own "
+                           "virtual environment, to compare)"}
+    rows.append({"tool": "llmcompressor", **peer})
+    return {"suite": "compress", "env": environment(device), "quick": quick, "rows": rows}
+
+
+def compress_table(res: dict) -> list[str]:
+    lines = [f"compress on {res['env']['device_name']}", "",
+             "| tool | config | model | calibration | wall s | peak RSS MB | peak GPU MB |", "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['tool']} | skipped: {r['skipped']} | | | | | |")
+            continue
+        gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
+        lines.append(f"| {r['tool']} | {r['config']} | {r['model']} | {r['calibration']} | {r['wall_s']:.1f} | "
+                     f"{r['peak_rss_mb_process']:.0f} | {gpu} |")
+    return lines

@@ -1,0 +1,62 @@
+"""The benchmark harness itself: ``python -m benchmarks run --suite all --quick`` on CPU, and its JSON."""
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.__main__ import main  # noqa: E402
+from benchmarks.harness import check_measured, device_name  # noqa: E402
+from benchmarks.suites import ceilings  # noqa: E402
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_quick_run_writes_measured_results(tmp_path, capsys):
+    assert main(["run", "--suite", "all", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    folder = tmp_path / device_name("cpu")
+    res = {}
+    for suite in ("gemm", "e2e", "compress"):
+        res[suite] = json.loads((folder / f"{suite}.json").read_text())
+        assert (folder / f"{suite}.md").read_text().startswith(suite)
+        assert res[suite]["suite"] == suite and res[suite]["env"]["device"] == "cpu" and res[suite]["rows"]
+        check_measured(res[suite])  # no NaN, no missing figure
+    for r in res["gemm"]["rows"]:
+        t = r["dense"]
+        assert _positive(t["median_ms"]) and t["min_ms"] <= t["median_ms"] <= t["max_ms"]
+        assert "CUDA" in r["sparse"]["skipped"]  # never a made-up GPU figure
+    (e2e,) = res["e2e"]["rows"]
+    assert e2e["sparse24"]["layers_dense"] == 14 and e2e["sparse24"]["layers_semi_structured"] == 0
+    for k, v in e2e["speedup"].items():
+        assert _positive(v), k
+        assert _positive(e2e["dense"][k]["median_ms"]) and _positive(e2e["sparse24"][k]["median_ms"])
+    ours = [r for r in res["compress"]["rows"] if r["tool"] == "sparsegpt-export"]
+    assert len(ours) == 2 and all(_positive(r["wall_s"]) and _positive(r["peak_rss_mb_process"]) for r in ours)
+    assert "skipped" in [r for r in res["compress"]["rows"] if r["tool"] == "llmcompressor"][0]
+    # the tables are printed last, with the ceilings
+    assert printed.rstrip().endswith("|") and "decode ceiling" in printed
+
+
+def test_ceilings_and_the_no_placeholder_check():
+    c = {r["format"].split(" (")[0].split(" +")[0]: r["bytes_per_weight"] for r in ceilings()["formats"]}
+    assert c["fp16 dense"] == 2.0 and c["fp16 2:4"] == 1.125 and c["int4 2:4"] == pytest.approx(0.3906, abs=1e-4)
+    with pytest.raises(ValueError, match=r"rows\[0\].median_ms is nan"):
+        check_measured({"rows": [{"median_ms": float("nan")}]})
+    with pytest.raises(ValueError, match="missing"):
+        check_measured({"rows": [{"median_ms": None}]})
+
+
+def test_cuda_requested_without_a_gpu(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["run", "--suite", "gemm", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
