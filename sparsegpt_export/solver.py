@@ -249,11 +249,12 @@ def sparsegpt_solve(
     Wq = Wf.to(torch.float32)
     Wq[mask] = 0.0  # exact zeros (also of dead inputs already zeroed)
     if quant is not None and refit_scales:
-        Wq, scales = _refit_scales(Wq, W0, H, scales, zeros, quant)
-    delta = (Wq - W0).to(hdtype)
-    Wd = W0.to(hdtype)
-    num = (delta.matmul(H) * delta).sum().item()
-    den = (Wd.matmul(H) * Wd).sum().item()
+        Wq, scales, num, den = _refit_scales(Wq, W0, H, scales, quant)
+    else:
+        delta = (Wq - W0).to(hdtype)
+        Wd = W0.to(hdtype)
+        num = (delta.matmul(H) * delta).sum().item()
+        den = (Wd.matmul(H) * Wd).sum().item()
     rel = num / den if den > 0 else 0.0
     return SolveResult(
         weight=Wq,
@@ -272,42 +273,45 @@ def _obs_weight(U: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.diag(U).float() ** 2
 
 
-def _refit_scales(Wq, W0, H, scales, zeros, spec: QuantSpec):
+def _refit_scales(Wq, W0, H, scales, spec: QuantSpec):
     """With the mask and the integer codes fixed, choose each row's group scales by least squares in the layer
-    objective ``(Wq - W) H (Wq - W)^T`` (one small [ngroups x ngroups] system per row), rounded to the storage
-    dtype. A row keeps its old scales unless the new ones lower its error. Returns ``(weight, scales)``.
+    objective ``(Wq - W) H (Wq - W)^T`` (one small [ngroups x ngroups] system per row, float64), rounded to the
+    storage dtype. A row keeps its old scales unless the new ones lower its error.
+    Returns ``(weight, scales, error, norm)``: the layer's ``sum (Wq-W) H (Wq-W)^T`` and ``sum W H W^T``.
     """
     rows, cols = Wq.shape
     G = scales.shape[1]
-    idx = torch.arange(cols, device=Wq.device) // (spec.group_size or cols)
-    S = scales[:, idx]
-    C = torch.round(Wq / S)  # code - zero: integers, 0 where pruned
-    Hd = H.to(torch.float64)
-    Cd = C.to(torch.float64)
-    HW = W0.to(torch.float64).matmul(Hd)
-    A = torch.zeros(rows, G, G, dtype=torch.float64, device=Wq.device)
-    b = torch.zeros(rows, G, dtype=torch.float64, device=Wq.device).index_add_(1, idx, Cd * HW)
+    dev = Wq.device
+    idx = torch.arange(cols, device=dev) // (spec.group_size or cols)
+    C = torch.round(Wq / scales[:, idx])  # code - zero: integers, 0 where pruned
+    Hd, Cd, W0d = H.to(torch.float64), C.to(torch.float64), W0.to(torch.float64)
+    HW = W0d.matmul(Hd)
+    b = torch.zeros(rows, G, dtype=torch.float64, device=dev).index_add_(1, idx, Cd * HW)
+    A = torch.zeros(rows, G, G, dtype=torch.float64, device=dev)
     for a in range(G):
         sa = idx == a
         CHa = Cd[:, sa].matmul(Hd[sa, :])
-        A[:, a, :] = torch.zeros(rows, G, dtype=torch.float64, device=Wq.device).index_add_(1, idx, CHa * Cd)
+        A[:, a, :] = torch.zeros(rows, G, dtype=torch.float64, device=dev).index_add_(1, idx, CHa * Cd)
     diag = A.diagonal(dim1=1, dim2=2)
     empty = diag <= 0
     ridge = 1e-9 * diag.clamp(min=0).mean(dim=1, keepdim=True) + 1e-30
-    A = A + torch.diag_embed(torch.where(empty, torch.ones_like(diag), ridge))
-    b = torch.where(empty, scales.to(torch.float64), b)
-    new = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
+    pad = torch.diag_embed(torch.where(empty, torch.ones_like(diag), ridge))
+    new = torch.linalg.solve(A + pad, torch.where(empty, scales.to(torch.float64), b).unsqueeze(-1)).squeeze(-1)
     ok = torch.isfinite(new) & (new > 0)
     new = torch.where(ok, new, scales.to(torch.float64)).to(spec.scale_dtype).to(torch.float32)
     new = torch.where(new > 0, new, scales)  # underflow in the storage dtype
-    Wn = C * new[:, idx]
+    # per row: (sC - W) H (sC - W)^T = s^T A s - 2 s.b + W H W^T, with A and b of the codes (no ridge)
+    wHw = (HW * W0d).sum(dim=1)
 
-    def row_err(Wx):
-        D = (Wx.to(torch.float64) - W0.to(torch.float64))
-        return (D.matmul(Hd) * D).sum(dim=1)
+    def row_err(s):
+        s = s.to(torch.float64)
+        return torch.einsum("rg,rgh,rh->r", s, A, s) - 2 * (s * b).sum(dim=1) + wHw
 
-    better = row_err(Wn) < row_err(Wq)
-    return torch.where(better[:, None], Wn, Wq), torch.where(better[:, None], new, scales)
+    e_old, e_new = row_err(scales), row_err(new)
+    better = e_new < e_old
+    scales = torch.where(better[:, None], new, scales)
+    err = torch.where(better, e_new, e_old).sum().item()
+    return C * scales[:, idx], scales, err, wHw.sum().item()
 
 
 def _provisional_mask(Wf, U, sparsity, n, m):
