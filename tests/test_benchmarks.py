@@ -7,7 +7,8 @@ import pytest
 
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # for the `benchmarks` folder; appended, so the installed sparsegpt_export wins
 
 from benchmarks.__main__ import main  # noqa: E402
 from benchmarks.harness import check_measured, device_name  # noqa: E402
