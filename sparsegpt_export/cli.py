@@ -154,10 +154,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 def register_extra_commands() -> None:
     """Commands that live beside the core (export, run) register themselves here when importable."""
-    try:
-        from .converters import cli as conv_cli  # noqa: F401
-    except ImportError:
-        pass
+    from .converters import cli as conv_cli  # noqa: F401
 
 
 def build_parser(prog: str = "sparsegpt-export") -> argparse.ArgumentParser:
