@@ -38,6 +38,8 @@ ROWS = {
     "sparsegpt-2:4+w4g128-asym": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--asym"],
     "sparsegpt-4:8": ["--pattern", "4:8", "--bits", "none"],
     "sparsegpt-50%-unstructured": ["--pattern", "unstructured", "--sparsity", "0.5", "--bits", "none"],
+    "sparsegpt-2:4+w4g128-asym-no-refit": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--asym",
+                                           "--no-refit-scales"],
     "sparsegpt-2:4+w4g128-sym-plain-grid": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym",
                                             "--no-fit-scales", "--no-clip-search", "--no-refit-scales"],
 }
