@@ -174,14 +174,15 @@ def _decode_into_linear(model: nn.Module, name: str, mod: PackedSparseLinear, dt
                         folder: Any) -> dict:
     stored = {sfx: getattr(mod, sfx) for sfx in sparse24.layer_tensor_specs(mod.record, mod.value_dtype)}
     device = next(iter(stored.values())).device
+    stored = {k: v.cpu() for k, v in stored.items()}  # decoded on the CPU (numpy bit unpacking)
 
     def take(sfx: str) -> torch.Tensor:
-        return sparse24.checked_tensor(stored[sfx].cpu(), name, sfx, mod.record, mod.value_dtype, folder)
+        return sparse24.checked_tensor(stored[sfx], name, sfx, mod.record, mod.value_dtype, folder)
 
     w = sparse24.decode_layer(name, {**mod.record, "transposed": False}, take, folder)
     w = w.to(mod.value_dtype).to(dtype).to(device)  # the same rounding path as load_state_dict
     lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta", dtype=dtype)
-    sparse, how = _semi_structured(w, mod.record, {k: v.cpu() for k, v in stored.items()})
+    sparse, how = _semi_structured(w, mod.record, stored)
     lin.weight = nn.Parameter(sparse if sparse is not None else w, requires_grad=False)
     if mod.bias is not None:
         lin.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)

@@ -85,6 +85,16 @@ def saved_tiny(tmp_path):
     return d, cal
 
 
+def compress_tiny(saved, out, *extra) -> int:
+    """``sparsegpt-export compress`` of the ``saved_tiny`` checkpoint (8 x 32 tokens, groups of 32 unless
+    ``extra`` says otherwise: later flags win). Returns the exit code."""
+    from sparsegpt_export.cli import main
+
+    d, cal = saved
+    return main(["compress", str(d), "--dataset", str(cal), "--nsamples", "8", "--seqlen", "32", "--group-size", "32",
+                 "--out", str(out), "--no-progress", *extra])
+
+
 def nm_holds(w: torch.Tensor, n: int, m: int) -> bool:
     """At most n nonzeros in every m consecutive weights along the input dimension of w [out, in]."""
     return bool((w.reshape(w.shape[0], -1, m).ne(0).sum(-1) <= n).all())

@@ -6,21 +6,15 @@ import sys
 import pytest
 import torch
 
-from conftest import nm_holds
+from conftest import compress_tiny, nm_holds
 from sparsegpt_export.cli import main
 from sparsegpt_export.config import SparseGPTConfig
 from sparsegpt_export.io import load_records
 
 
-def _compress(saved, out, *extra):
-    d, cal = saved
-    return main(["compress", str(d), "--dataset", str(cal), "--nsamples", "8", "--seqlen", "32", "--group-size", "32",
-                 "--out", str(out), "--no-progress", *extra])
-
-
 def test_compress_writes_a_plain_checkpoint(saved_tiny, tmp_path, capsys):
     out = tmp_path / "out"
-    assert _compress(saved_tiny, out, "--pattern", "2:4", "--bits", "4") == 0
+    assert compress_tiny(saved_tiny, out, "--pattern", "2:4", "--bits", "4") == 0
     assert "compressed 14 layers" in capsys.readouterr().out
     for f in ("config.json", "model.safetensors", "tokenizer.json", "sparsegpt_config.json", "sparsegpt_report.json",
               "sparsegpt_quant.safetensors"):
@@ -65,7 +59,7 @@ def test_eval_prints_perplexity(saved_tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize("pattern", ["3:2", "0:4"])
 def test_bad_pattern_is_one_clear_line(saved_tiny, tmp_path, capsys, pattern):
-    assert _compress(saved_tiny, tmp_path / "o", "--pattern", pattern) == 2
+    assert compress_tiny(saved_tiny, tmp_path / "o", "--pattern", pattern) == 2
     err = capsys.readouterr().err
     assert "error: pattern" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
@@ -82,7 +76,7 @@ def test_non_writable_out_fails_before_work(saved_tiny, tmp_path, capsys):
             out = target / "out"
         else:
             out = ro / "out"
-        assert _compress(saved_tiny, out) == 2
+        assert compress_tiny(saved_tiny, out) == 2
         assert "--out" in capsys.readouterr().err
     finally:
         os.chmod(ro, 0o700)
@@ -92,7 +86,7 @@ def test_existing_out_needs_overwrite(saved_tiny, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    assert _compress(saved_tiny, out) == 2
+    assert compress_tiny(saved_tiny, out) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious"
 

@@ -5,14 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import compress_tiny
 from sparsegpt_export.cli import main
 from sparsegpt_export.converters import compressed_tensors as ct
 
 
 def _compress(saved, out, *extra):
-    d, cal = saved
-    return main(["compress", str(d), "--dataset", str(cal), "--nsamples", "8", "--seqlen", "32", "--out", str(out),
-                 "--no-progress", "--pattern", "2:4", *extra])
+    return compress_tiny(saved, out, "--pattern", "2:4", *extra)
 
 
 @pytest.mark.parametrize("group,written", [("32", 32), ("48", 16), ("-1", None)])  # 48: 64/128 cols -> gcd 16

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import byte_tokenizer, make_model
+from conftest import byte_tokenizer, compress_tiny, make_model
 from sparsegpt_export.cli import main
 from sparsegpt_export.converters import dense, sparse24
 from sparsegpt_export.driver import LayerRecord
@@ -19,12 +19,6 @@ CASES = {
     "unstructured-fp": ("--pattern", "unstructured", "--bits", "none"),
 }
 LAYER = "model.layers.1.mlp.up_proj"
-
-
-def _compress(saved, out, *extra):
-    d, cal = saved
-    return main(["compress", str(d), "--dataset", str(cal), "--nsamples", "8", "--seqlen", "32", "--group-size", "32",
-                 "--out", str(out), "--no-progress", *extra])
 
 
 def _packed_bytes(folder):
@@ -47,7 +41,7 @@ def test_round_trip_is_bit_exact(saved_tiny, tmp_path, case):
     from transformers import AutoModelForCausalLM
 
     comp = tmp_path / "c"
-    assert _compress(saved_tiny, comp, *CASES[case]) == 0
+    assert compress_tiny(saved_tiny, comp, *CASES[case]) == 0
     ref = load_file(str(comp / "model.safetensors"))
     s24 = sparse24.export(comp, tmp_path / "s24")
     dn = dense.export(comp, tmp_path / "dense")
@@ -92,7 +86,7 @@ def test_gpt2_conv1d_and_tied_weights(tmp_path):
     save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))},
               str(tmp_path / "cal.safetensors"))
     comp = tmp_path / "c"
-    assert _compress((src, tmp_path / "cal.safetensors"), comp, "--pattern", "2:4", "--bits", "4") == 0
+    assert compress_tiny((src, tmp_path / "cal.safetensors"), comp, "--pattern", "2:4", "--bits", "4") == 0
     s24 = sparse24.export(comp, tmp_path / "s24", dtype="float32")
     layers = json.loads((s24 / "config.json").read_text())["quantization_config"]["layers"]
     assert layers["transformer.h.0.attn.c_proj"]["transposed"] and layers["transformer.h.0.mlp.c_fc"]["shape"] == [256, 64]
@@ -175,7 +169,7 @@ def test_bit_packing_layout():
 @pytest.fixture
 def compressed(saved_tiny, tmp_path):
     comp = tmp_path / "c"
-    assert _compress(saved_tiny, comp, "--pattern", "2:4", "--bits", "4") == 0
+    assert compress_tiny(saved_tiny, comp, "--pattern", "2:4", "--bits", "4") == 0
     return comp
 
 

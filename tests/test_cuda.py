@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparsegpt_export  # noqa: F401
-from sparsegpt_export.cli import main
+from conftest import compress_tiny
 from sparsegpt_export.converters import sparse24
 
 pytestmark = [pytest.mark.cuda,
@@ -15,10 +15,8 @@ def test_sparse24_loads_on_semi_structured_kernels(saved_tiny, tmp_path, bits):
     from torch.sparse import SparseSemiStructuredTensor
     from transformers import AutoModelForCausalLM
 
-    d, cal = saved_tiny
     comp = tmp_path / "c"
-    assert main(["compress", str(d), "--dataset", str(cal), "--nsamples", "8", "--seqlen", "32", "--group-size", "32",
-                 "--pattern", "2:4", "--bits", bits, "--out", str(comp), "--no-progress"]) == 0
+    assert compress_tiny(saved_tiny, comp, "--pattern", "2:4", "--bits", bits) == 0
     s24 = sparse24.export(comp, tmp_path / "s24")
     model = AutoModelForCausalLM.from_pretrained(str(s24), device_map="cuda")
     report = model.sparsegpt_load_report

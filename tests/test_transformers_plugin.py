@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsegpt_export  # noqa: F401  (registers quant_method "sparsegpt")
-from conftest import byte_tokenizer, make_model
+from conftest import byte_tokenizer, compress_tiny, make_model
 from sparsegpt_export.cli import main
 from sparsegpt_export.converters import dense, sparse24
 
@@ -18,12 +18,6 @@ CASES = {
     "unstructured-int4": ("--pattern", "unstructured", "--bits", "4"),
 }
 LAYER = "model.layers.1.mlp.up_proj"
-
-
-def _compress(saved, out, *extra):
-    d, cal = saved
-    return main(["compress", str(d), "--dataset", str(cal), "--nsamples", "8", "--seqlen", "32", "--group-size", "32",
-                 "--out", str(out), "--no-progress", *extra])
 
 
 def _outputs(model, ids):
@@ -38,7 +32,7 @@ def test_from_pretrained_equals_the_compressed_model(saved_tiny, tmp_path, case)
     from transformers import AutoModelForCausalLM
 
     comp = tmp_path / "c"
-    assert _compress(saved_tiny, comp, *CASES[case]) == 0
+    assert compress_tiny(saved_tiny, comp, *CASES[case]) == 0
     s24 = sparse24.export(comp, tmp_path / "s24")
     layers = json.loads((s24 / "config.json").read_text())["quantization_config"]["layers"]
     if case == "2:4-fp16-cutlass-layout":
@@ -71,7 +65,7 @@ def test_pipeline_and_gpt2_conv1d(tmp_path):
     save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))},
               str(tmp_path / "cal.safetensors"))
     comp = tmp_path / "c"
-    assert _compress((src, tmp_path / "cal.safetensors"), comp, "--pattern", "2:4", "--bits", "4") == 0
+    assert compress_tiny((src, tmp_path / "cal.safetensors"), comp, "--pattern", "2:4", "--bits", "4") == 0
     s24 = sparse24.export(comp, tmp_path / "s24", dtype="float32")
     dn = dense.export(comp, tmp_path / "dense", dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(str(s24))
@@ -88,7 +82,7 @@ def test_pipeline_and_gpt2_conv1d(tmp_path):
 @pytest.fixture
 def s24(saved_tiny, tmp_path):
     comp = tmp_path / "c"
-    assert _compress(saved_tiny, comp, "--pattern", "2:4", "--bits", "4") == 0
+    assert compress_tiny(saved_tiny, comp, "--pattern", "2:4", "--bits", "4") == 0
     return sparse24.export(comp, tmp_path / "s24")
 
 
