@@ -17,6 +17,8 @@ FORMATS: dict[str, tuple[str, str]] = {
     "compressed-tensors": ("W4A16 pack-quantized for vLLM and transformers (symmetric 4-bit only; pattern in "
                            "sparsity.json)", "sparsegpt_export.converters.compressed_tensors"),
     "dense": ("plain dense Hugging Face checkpoint (zeros kept) in the chosen dtype", "sparsegpt_export.converters.dense"),
+    "onnx": ("ONNX generation graph with a KV cache for ONNX Runtime; 4-bit layers as MatMulNBits (or QDQ) built "
+             "from the stored codes", "sparsegpt_export.converters.onnx"),
 }
 
 
@@ -27,17 +29,75 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="dtype of the stored values (default: the model's, float16 when that is float32)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--onnx-quant", choices=["matmulnbits", "qdq", "none"], default="matmulnbits",
+                   help="onnx: 4-bit layers as com.microsoft.MatMulNBits (default), as opset-21 INT4 "
+                        "DequantizeLinear + MatMul (qdq), or a float32 graph (none)")
+    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
+                   help="onnx: MatMulNBits accuracy_level (default 4: int8 activations on CPU; 0/1: float)")
 
 
 def run_export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ValueError(f"--format {args.format!r}: unknown; choose one of {', '.join(FORMATS)}")
     module = importlib.import_module(FORMATS[args.format][1])
-    out = module.export(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    extra = {}
+    if args.format == "onnx":
+        extra = {"onnx_quant": args.onnx_quant, "accuracy_level": args.accuracy_level}
+    elif args.onnx_quant != "matmulnbits" or args.accuracy_level != 4:
+        raise ValueError(f"--onnx-quant/--accuracy-level: apply to --format onnx only, not {args.format}")
+    out = module.export(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite, **extra)
     files = [f for f in Path(out).rglob("*") if f.is_file()]
     total = sum(f.stat().st_size for f in files)
     print(f"exported {args.model} as {args.format} to {out}: {total} bytes written in {len(files)} files")
     return 0
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the output folder of `sparsegpt-export export --format onnx`")
+    p.add_argument("--prompt", required=True, action="append", help="text to continue (repeatable: a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+
+
+def run_run(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from sparsegpt_export.onnx import OnnxCausalLM
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    model = OnnxCausalLM.from_pretrained(args.model, num_threads=args.threads)
+    try:
+        tok = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{args.model}: no tokenizer beside the graph ({e})") from None
+    prompts = args.prompt
+    if args.chat:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                   for p in prompts]
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                         temperature=args.temperature if args.do_sample else None,
+                         top_p=args.top_p if args.do_sample else None, pad_token_id=tok.pad_token_id)
+    dt = time.perf_counter() - t0
+    new = out[:, enc["input_ids"].shape[1]:]
+    for text in tok.batch_decode(new, skip_special_tokens=True):
+        print(text)
+    print(f"[{new.numel()} tokens in {dt:.2f} s]")
+    return 0
+
+
+COMMANDS["run"] = ("generate text with an ONNX export (quick look)", add_run_args, run_run)
 COMMANDS["export"] = (f"convert a compress output to a serving format ({', '.join(FORMATS)})", add_export_args, run_export)

@@ -47,6 +47,8 @@ class SparseGPTConfig:
     bits: 2..8 for joint quantization of the kept weights, or ``None`` for no quantization.
     group_size: quantization group along the input dimension (e.g. 32/64/128), or ``None``/``-1`` per channel.
     sym: symmetric grid (codes ``0..2^b-1`` around the fixed zero point ``2^(b-1)``) or asymmetric.
+    quantize_lm_head: also quantize the output projection to ``bits`` with the same solver (never pruned; its
+        calibration inputs are the final norm's outputs). A tied lm_head is untied: the embedding stays float.
     """
 
     pattern: str = "2:4"
@@ -61,6 +63,7 @@ class SparseGPTConfig:
     fit_scales_to_kept: bool = True
     clip_search: bool = True
     refit_scales: bool = True
+    quantize_lm_head: bool = False
     scale_dtype: Optional[str] = None
     targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
@@ -91,6 +94,8 @@ class SparseGPTConfig:
         if self.bits is not None:
             if not isinstance(self.bits, int) or not (2 <= self.bits <= 8):
                 raise ConfigError(f"bits: {self.bits!r} must be an integer in 2..8, or None for no quantization")
+        if self.quantize_lm_head and self.bits is None:
+            raise ConfigError("quantize_lm_head: needs bits (the lm_head is quantized, never pruned); set bits, e.g. 4")
         if self.group_size in (-1, 0):
             self.group_size = None
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):

@@ -301,11 +301,12 @@ def compress_model(
 
         shutil.rmtree(ckpt)
 
-    def solve(lname: str, module: nn.Module, H: torch.Tensor) -> None:
+    def solve(lname: str, module: nn.Module, H: torch.Tensor, prune: bool = True) -> None:
         W = get_weight(module)
         rows_, cols = W.shape
         t0 = time.perf_counter()
-        if n and cols % m:
+        prune = prune and config.prunes
+        if prune and n and cols % m:
             msg = f"layer {lname}: {cols} input columns are not a multiple of M={m}; left dense"
             if config.on_incompatible == "error":
                 raise SolverError(f"layer {lname}: {cols} input columns are not a multiple of M={m} for the {config.pattern} pattern")
@@ -313,12 +314,13 @@ def compress_model(
             rows.append({"layer": lname, "pattern": "skipped", "warning": msg, "shape": [rows_, cols]})
             return
         res: SolveResult = sparsegpt_solve(
-            W.to(device), H, sparsity=config.sparsity if config.prunes else 0.0, n=n, m=m, quant=quant,
+            W.to(device), H, sparsity=config.sparsity if prune else 0.0, n=n if prune else 0, m=m if prune else 0,
+            quant=quant,
             blocksize=config.blocksize, mask_blocksize=config.mask_blocksize, damp=config.damp,
             fit_scales_to_kept=config.fit_scales_to_kept, refit_scales=config.refit_scales, name=lname,
         )
         set_weight(module, res.weight)
-        pattern = config.pattern if config.prunes else "dense"
+        pattern = config.pattern if prune else "dense"
         achieved = res.mask.float().mean().item()
         records[lname] = LayerRecord(
             name=lname, shape=(rows_, cols), pattern=pattern, sparsity=achieved, bits=config.bits,
@@ -365,6 +367,10 @@ def compress_model(
                 _save_checkpoint(ckpt, run_key, bi, path, block, chunks, records, rows)
                 prof["checkpoint_s"] += time.perf_counter() - t
             bar.update()
+        if config.quantize_lm_head:
+            t = time.perf_counter()
+            _quantize_lm_head(model, chunks, solve, hdtype, device)
+            prof["lm_head_s"] = time.perf_counter() - t
     finally:
         bar.close()
         if use_cache is not None:
@@ -372,7 +378,9 @@ def compress_model(
         model.train(was_training)
 
     pruned = [r for r in rows if r.get("pattern") not in ("skipped",)]
-    total_w = sum(r["shape"][0] * r["shape"][1] for r in pruned)
+    # the sparsity is the pruned layers' (a quantized-only lm_head does not dilute it)
+    sparse_rows = [r for r in pruned if r["pattern"] != "dense" or not config.prunes]
+    total_w = sum(r["shape"][0] * r["shape"][1] for r in sparse_rows)
     report = {
         "model": model_name,
         "config": config.to_dict(),
@@ -387,7 +395,7 @@ def compress_model(
         "summary": {
             "layers_compressed": len(pruned),
             "layers_skipped": len(rows) - len(pruned),
-            "weighted_sparsity": (sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in pruned) / total_w) if total_w else 0.0,
+            "weighted_sparsity": (sum(r["sparsity"] * r["shape"][0] * r["shape"][1] for r in sparse_rows) / total_w) if total_w else 0.0,
             "mean_rel_error": (sum(r["rel_error"] for r in pruned) / len(pruned)) if pruned else 0.0,
             "wall_s": round(time.perf_counter() - t_start, 3),
         },
@@ -488,6 +496,56 @@ def _staged(block, chunks, todo, solve, hdtype, prof, hooks_time, bar) -> None:
             bar.postfix(ln.rsplit(".", 2)[-2] + "." + ln.rsplit(".", 1)[-1])
             solve(ln, remaining.pop(ln), H)
         hooks_time[0] += time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------- the lm_head
+# What sits between the last block and the lm_head: the final norm (and OPT's optional projection).
+FINAL_NORM_PATHS = (
+    "model.norm", "model.decoder.final_layer_norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
+    "model.final_layernorm", "model.language_model.norm",
+)
+
+
+def untie_lm_head(model: nn.Module) -> bool:
+    """Give the lm_head its own weight when it shares the embedding's; True when it was tied."""
+    lm, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if lm is None or emb is None or lm.weight.data_ptr() != emb.weight.data_ptr():
+        return False
+    lm.weight = nn.Parameter(lm.weight.detach().clone(), requires_grad=False)
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.tie_word_embeddings = False
+    return True
+
+
+@torch.no_grad()
+def _quantize_lm_head(model: nn.Module, chunks, solve, hdtype, device) -> None:
+    """Quantize (never prune) the lm_head, its Hessian from the final norm's outputs on the compressed blocks."""
+    lm = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if lm is None or not isinstance(lm, nn.Linear):
+        raise UnsupportedModelError(f"{type(model).__name__}: --quantize-lm-head: no nn.Linear output embedding (lm_head) found")
+    norm = next((m for m in (_get(model, p) for p in FINAL_NORM_PATHS) if isinstance(m, nn.Module)), None)
+    if norm is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: --quantize-lm-head: cannot find the final norm before the lm_head "
+            f"(looked for {list(FINAL_NORM_PATHS)})"
+        )
+    tail = [norm] + [m for m in [_get(model, "model.decoder.project_out")] if isinstance(m, nn.Module)]
+    untie_lm_head(model)
+    moved = [(m, next(m.parameters(), torch.empty(0)).device) for m in tail + [lm]]
+    for mod, _ in moved:
+        mod.to(device)
+    try:
+        acc = HessianAccumulator(lm.in_features, device=device, dtype=hdtype, name="lm_head")
+        for hs, _ in chunks:
+            x = hs
+            for mod in tail:
+                x = mod(x)
+            acc.add(x)
+        name = next(n for n, mod in model.named_modules() if mod is lm)
+        solve(name, lm, acc.H, prune=False)
+    finally:
+        for mod, dev in moved:
+            mod.to(dev)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -1,0 +1,393 @@
+"""``onnx``: a generation graph with a KV cache for ONNX Runtime, its 4-bit layers built from our own codes.
+
+How the graph is made:
+
+1. the compress output is loaded in float32 with transformers; every 4-bit layer is swapped for a marker module
+   whose forward is the custom op ``sparsegpt_export::qlinear`` (eager: ``F.linear`` on the stored weights);
+2. transformers' ONNX exporter (``transformers.exporters.OnnxExporter``, i.e. ``torch.onnx.export(dynamo=True)``)
+   traces one graph with past inputs, for prefill and decode: inputs ``input_ids``, ``attention_mask``,
+   ``position_ids`` and ``input.past_key_values.layers.<i>.{keys,values}``; outputs ``logits`` and
+   ``output.past_key_values.layers.<i>.{keys,values}``. The marker op becomes the node ``QLinear`` of the
+   domain ``sparsegpt_export``, which carries the layer's name;
+3. each ``QLinear`` node is replaced by what ``--onnx-quant`` asks for, its tensors built from the integer
+   codes and scales of the compress output (checked to reproduce every weight exactly), never re-quantized:
+   - ``matmulnbits``: ``com.microsoft.MatMulNBits`` (bits 4, ``block_size`` = the group size, or a power of two
+     that divides it with the scales repeated; per-channel grids use blocks of 128 with the scale repeated);
+     symmetric grids leave out the zero points (MatMulNBits' default is 8, ours too), asymmetric ones store
+     them packed. ``accuracy_level`` (default 4: int8 activations on CPU) is written on every node;
+   - ``qdq``: the portable opset-21 ``DequantizeLinear`` (INT4 weights [in, out], ``block_size`` = the group
+     size along axis 0; UINT4 with zero points when asymmetric) followed by ``MatMul``;
+   - ``none``: no markers at all, the float32 graph (the benchmark's baseline).
+   The float weight the marker carried is dropped; layers that are not 4-bit stay float ``MatMul``.
+4. the N:M pattern, sparsity, the config and the export options go to the model's ``metadata_props``
+   (keys ``sparsegpt_export.*``); the zeros are stored as codes, never as a ``SparseTensorProto``.
+
+The folder gets ``model.onnx`` (with ``model.onnx.data`` beside it when the weights pass 1.8 GB, protobuf's
+limit being 2 GB), ``config.json``, the tokenizer and generation config, and ``sparsegpt_onnx.json`` (the
+graph's inputs and outputs, the options, and the bytes of the compressed layers). Written atomically.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsegpt_export.io import atomic_dir, load_config, load_records
+
+from .dense import copy_side_files, read_checkpoint, read_config
+from .sparse24 import _codes, _conv1d_modules
+
+FORMAT = "onnx"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+SIDECAR = "sparsegpt_onnx.json"
+ONNX_QUANT = ("matmulnbits", "qdq", "none")
+EXTERNAL_DATA_BYTES = 1_800_000_000
+MARKER_DOMAIN = "sparsegpt_export"
+MARKER_OP = "QLinear"
+META_PREFIX = "sparsegpt_export."
+
+
+class OnnxExportError(ValueError):
+    """The compress output cannot be written as the ONNX graph asked for; the message names the layer or option."""
+
+
+# ---------------------------------------------------------------------------------------------- the marker op
+_REGISTERED: dict[str, Any] = {}
+
+
+def _marker_op():
+    """The custom op ``sparsegpt_export::qlinear`` and its ONNX translation (registered once per process)."""
+    if "op" in _REGISTERED:
+        return _REGISTERED["op"], _REGISTERED["translation"]
+    import onnx
+    from onnx.defs import OpSchema
+    from onnxscript.values import Op, Opset
+
+    @torch.library.custom_op("sparsegpt_export::qlinear", mutates_args=())
+    def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], layer: str) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    @qlinear.register_fake
+    def _(x, weight, bias, layer):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    if not onnx.defs.has(MARKER_OP, MARKER_DOMAIN):
+        onnx.defs.register_schema(OpSchema(
+            MARKER_OP, MARKER_DOMAIN, 1,
+            inputs=[OpSchema.FormalParameter("X", "T"), OpSchema.FormalParameter("W", "T"),
+                    OpSchema.FormalParameter("bias", "T", param_option=OpSchema.FormalParameterOption.Optional)],
+            outputs=[OpSchema.FormalParameter("Y", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float types")],
+            attributes=[OpSchema.Attribute("layer", OpSchema.AttrType.STRING, "the compressed module's name")],
+        ))
+    marker = Op(Opset(MARKER_DOMAIN, 1), MARKER_OP, onnx.defs.get_schema(MARKER_OP, 1, MARKER_DOMAIN))
+
+    def translation(x, weight, bias=None, layer: str = ""):
+        return marker(x, weight, layer=layer) if bias is None else marker(x, weight, bias, layer=layer)
+
+    _REGISTERED.update(op=torch.ops.sparsegpt_export.qlinear.default, translation=translation)
+    return _REGISTERED["op"], translation
+
+
+class _Marked(nn.Module):
+    """Stands in for a 4-bit layer during tracing: ``x @ W.T + b`` through the marker op."""
+
+    def __init__(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.layer = name
+        self.weight = nn.Parameter(weight.detach().float().contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.sparsegpt_export.qlinear(x, self.weight, self.bias, self.layer)
+
+
+@contextlib.contextmanager
+def _translation_installed():
+    """Add our translation to the ONNX exporter's table for the duration of the export."""
+    import transformers.exporters.exporter_onnx as xo
+
+    table = getattr(xo, "_ONNX_TRANSLATION_TABLE", None)
+    if not isinstance(table, dict):
+        raise OnnxExportError(
+            "this transformers version's ONNX exporter has no translation table (_ONNX_TRANSLATION_TABLE); "
+            "sparsegpt-export needs transformers' exporters module (transformers >= 5.20) for --format onnx"
+        )
+    op, fn = _marker_op()
+    had = op in table
+    table[op] = fn
+    try:
+        yield
+    finally:
+        if not had:
+            table.pop(op, None)
+
+
+# ---------------------------------------------------------------------------------------------- tensors from codes
+def _block_size(name: str, group: Optional[int], cols: int) -> int:
+    """MatMulNBits' block: the group size when it is a power of two (>= 16), else its largest power-of-two divisor;
+    128 for per-channel grids. Each block lies inside one group, so repeating the group's scale is exact."""
+    if group is None:
+        return 128
+    bs = group & -group
+    if bs < 16:
+        raise OnnxExportError(
+            f"layer {name}: group size {group} has no power-of-two divisor >= 16, which MatMulNBits needs as its "
+            "block size; export with --onnx-quant qdq or none"
+        )
+    return bs
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [..., 2k] (0..15) -> [..., k] bytes, the first of each pair in the low nibble."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def matmulnbits_tensors(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                        group: Optional[int]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """``B`` uint8 [N, blocks, bs/2], ``scales`` float32 [N*blocks] and (asymmetric) packed ``zero_points``."""
+    rows, cols = codes.shape
+    bs = _block_size(name, group, cols)
+    nblocks = -(-cols // bs)
+    gidx = torch.arange(nblocks) * bs // (group or cols)  # the group each block lies in
+    padded = torch.zeros(rows, nblocks * bs, dtype=torch.uint8)
+    padded[:, :cols] = codes
+    out = {
+        "B": _pack_nibbles(padded.numpy()).reshape(rows, nblocks, bs // 2),
+        "scales": scales.float()[:, gidx].contiguous().numpy().reshape(-1),
+    }
+    if zeros is not None:
+        z = zeros.to(torch.uint8)[:, gidx]
+        zp = torch.zeros(rows, nblocks + nblocks % 2, dtype=torch.uint8)
+        zp[:, :nblocks] = z
+        out["zero_points"] = _pack_nibbles(zp.numpy()).reshape(-1)
+    return out, {"K": cols, "N": rows, "bits": 4, "block_size": bs}
+
+
+def qdq_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                group: Optional[int]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Weights [in, out] as INT4 (symmetric: code - 8) or UINT4 (asymmetric), scales [groups, out] float32."""
+    import ml_dtypes
+
+    rows, cols = codes.shape
+    if zeros is None:
+        data = (codes.to(torch.int16) - 8).t().contiguous().numpy().astype(ml_dtypes.int4)
+    else:
+        data = codes.t().contiguous().numpy().astype(ml_dtypes.uint4)
+    out: dict[str, Any] = {"weight": data}
+    if group is None:  # per output channel: scales [out] along axis 1
+        out["scale"] = scales.float()[:, 0].contiguous().numpy()
+        if zeros is not None:
+            out["zero_point"] = zeros.to(torch.uint8)[:, 0].numpy().astype(ml_dtypes.uint4)
+        return out, {"axis": 1}
+    out["scale"] = scales.float().t().contiguous().numpy()
+    if zeros is not None:
+        out["zero_point"] = zeros.to(torch.uint8).t().contiguous().numpy().astype(ml_dtypes.uint4)
+    return out, {"axis": 0, "block_size": group}
+
+
+# ---------------------------------------------------------------------------------------------- graph rewrite
+def _lower_markers(model, layers: dict[str, dict], onnx_quant: str, accuracy_level: int) -> dict[str, int]:
+    """Replace every ``QLinear`` node by MatMulNBits or DequantizeLinear + MatMul; returns byte counts."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    seen: set[str] = set()
+    nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
+    for node in list(graph):
+        if node.domain != MARKER_DOMAIN or node.op_type != MARKER_OP:
+            continue
+        name = node.attributes["layer"].value
+        if name not in layers:
+            raise OnnxExportError(f"layer {name}: marked in the graph but not among the compressed layers")
+        if name in seen:
+            raise OnnxExportError(f"layer {name}: traced twice; the graph would hold its weights twice")
+        seen.add(name)
+        spec = layers[name]
+        x, w = node.inputs[0], node.inputs[1]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+
+        def init(suffix: str, array, _name=name) -> "ir.Value":
+            value = ir.Value(name=f"{_name}.{suffix}", const_value=ir.tensor(array, name=f"{_name}.{suffix}"))
+            graph.register_initializer(value)
+            nbytes["compressed_initializer_bytes"] += value.const_value.nbytes
+            return value
+
+        new_nodes = []
+        if onnx_quant == "matmulnbits":
+            t, attrs = matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
+            inputs = [x, init("qweight", t["B"]), init("scales", t["scales"])]
+            if "zero_points" in t:
+                inputs.append(init("zero_points", t["zero_points"]))
+            mm = ir.node("MatMulNBits", inputs, attributes={**attrs, "accuracy_level": int(accuracy_level)},
+                         domain="com.microsoft", name=f"{name}/MatMulNBits")
+        else:
+            t, attrs = qdq_tensors(spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
+            dq_inputs = [init("qweight", t["weight"]), init("scales", t["scale"])]
+            if "zero_point" in t:
+                dq_inputs.append(init("zero_points", t["zero_point"]))
+            dq = ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=f"{name}/DequantizeLinear")
+            new_nodes.append(dq)
+            mm = ir.node("MatMul", [x, dq.outputs[0]], name=f"{name}/MatMul")
+        new_nodes.append(mm)
+        result = mm.outputs[0]
+        if bias is not None:
+            add = ir.node("Add", [result, bias], name=f"{name}/Add")
+            new_nodes.append(add)
+            result = add.outputs[0]
+        result.shape, result.type = node.outputs[0].shape, node.outputs[0].type
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [result])
+        nbytes["compressed_float32_bytes"] += 4 * spec["codes"].numel()
+        if w.is_initializer() and not w.uses():
+            graph.initializers.pop(w.name)
+    missing = sorted(set(layers) - seen)
+    if missing:
+        raise OnnxExportError(f"layer {missing[0]}: compressed but not found in the traced graph ({len(missing)} such layers)")
+    model.opset_imports.pop(MARKER_DOMAIN, None)
+    if onnx_quant == "matmulnbits":
+        model.opset_imports["com.microsoft"] = 1
+    if onnx_quant == "qdq" and model.opset_imports.get("", 0) < 21:
+        model.opset_imports[""] = 21
+    return nbytes
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _sample_inputs(model: nn.Module, vocab: int) -> dict[str, Any]:
+    """Batch 2, 3 new tokens after 5 cached ones: distinct sizes, so every axis stays its own dynamic dimension."""
+    from transformers import DynamicCache
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, 8), generator=g)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :5], use_cache=True, past_key_values=cache).past_key_values
+    return {"input_ids": ids[:, 5:], "attention_mask": torch.ones(2, 8, dtype=torch.long),
+            "position_ids": torch.arange(5, 8).expand(2, 3).contiguous(), "past_key_values": cache, "use_cache": True}
+
+
+def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, overwrite: bool = False,
+           onnx_quant: str = "matmulnbits", accuracy_level: int = 4, opset: Optional[int] = None) -> Path:
+    """Write the compress output ``src`` to ``out`` as an ONNX generation graph (see the module docstring).
+
+    ``dtype`` is accepted for the CLI's sake: the graph is float32 (CPU serving); anything else is refused.
+    """
+    import onnx_ir as ir
+    from transformers import AutoModelForCausalLM
+    from transformers.exporters import OnnxConfig, OnnxExporter
+
+    src = Path(src)
+    if onnx_quant not in ONNX_QUANT:
+        raise OnnxExportError(f"--onnx-quant {onnx_quant!r}: choose one of {', '.join(ONNX_QUANT)}")
+    if dtype not in (None, "float32", torch.float32):
+        raise OnnxExportError(f"--dtype {dtype}: the ONNX export writes a float32 graph (its 4-bit layers stay 4-bit)")
+    if not isinstance(accuracy_level, int) or accuracy_level not in (0, 1, 2, 3, 4):
+        raise OnnxExportError(f"--accuracy-level {accuracy_level!r}: MatMulNBits takes 0, 1, 2, 3 or 4")
+    hf_config = read_config(src)
+    records = load_records(src)
+    quantized = {k: r for k, r in records.items() if r.bits}
+    if onnx_quant != "none":
+        if not quantized:
+            raise OnnxExportError(
+                f"{src}: no quantized layers, so there is nothing for --onnx-quant {onnx_quant} to write; compress "
+                "with --bits 4, or export the float graph with --onnx-quant none"
+            )
+        for name, rec in quantized.items():
+            if rec.bits != 4:
+                raise OnnxExportError(
+                    f"layer {name} is {rec.bits}-bit; --onnx-quant {onnx_quant} writes 4-bit layers only: compress "
+                    "with --bits 4, or export the float graph with --onnx-quant none"
+                )
+    tensors = read_checkpoint(src)
+    conv1d = _conv1d_modules(src, list(records))
+    layers: dict[str, dict] = {}
+    if onnx_quant != "none":
+        for name, rec in quantized.items():
+            w = tensors.get(f"{name}.weight")
+            if w is None:
+                raise OnnxExportError(f"{src}: {name}.weight is missing from the checkpoint")
+            w = w.t() if name in conv1d else w
+            if tuple(w.shape) != tuple(rec.shape):
+                raise OnnxExportError(f"layer {name}: weight of shape {tuple(w.shape)}, but the record says {tuple(rec.shape)}")
+            layers[name] = {"codes": _codes(name, rec, w), "scales": rec.scales,
+                            "zeros": None if rec.sym else rec.zeros, "group_size": rec.group_size}
+    del tensors
+
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    model.config.use_cache = True
+    if layers:
+        _marker_op()
+    for name in layers:
+        mod = model.get_submodule(name)
+        w = mod.weight.t() if name in conv1d else mod.weight
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, _Marked(name, w, mod.bias))
+
+    sample = _sample_inputs(model, hf_config.get("vocab_size") or model.config.vocab_size)
+    from transformers.exporters.exporter_dynamo import get_auto_dynamic_shapes
+
+    auto = torch.export.Dim.AUTO
+
+    def batch_and_length(spec):  # per cache tensor [batch, heads, length, head_dim]: only batch and length vary
+        if isinstance(spec, dict):
+            return {k: v for k, v in spec.items() if k in (0, 2)}
+        return type(spec)(batch_and_length(s) for s in spec) if isinstance(spec, (list, tuple)) else spec
+
+    dynamic_shapes = {  # batch, sequence and past length vary; heads and head size stay fixed
+        "input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
+        "past_key_values": batch_and_length(get_auto_dynamic_shapes(sample["past_key_values"])),
+    }
+    with _translation_installed(), torch.no_grad():
+        exported = OnnxExporter().export(
+            model, sample, OnnxConfig(dynamic=True, dynamic_shapes=dynamic_shapes, opset_version=opset))
+    program = exported.program
+    nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
+    if layers:
+        nbytes = _lower_markers(program, layers, onnx_quant, accuracy_level)
+    leftover = [n.name for n in program.graph if n.domain == MARKER_DOMAIN]
+    if leftover:
+        raise OnnxExportError(f"the graph still holds {len(leftover)} marker nodes ({leftover[0]})")
+
+    sg_config = load_config(src)
+    patterns = sorted({r.pattern for r in records.values()})
+    numel = sum(r.shape[0] * r.shape[1] for r in records.values() if r.pattern != "dense") or 1
+    meta = {
+        "onnx_quant": onnx_quant,
+        "accuracy_level": accuracy_level if onnx_quant == "matmulnbits" else None,
+        "pattern": patterns[0] if len(patterns) == 1 else patterns,
+        "sparsity": round(sum(r.sparsity * r.shape[0] * r.shape[1] for r in records.values() if r.pattern != "dense") / numel, 6),
+        "bits": sorted({r.bits for r in records.values() if r.bits}) or None,
+        "layers": {k: {"pattern": r.pattern, "sparsity": round(r.sparsity, 6), "bits": r.bits,
+                       "group_size": r.group_size, "sym": r.sym,
+                       "onnx": ("MatMulNBits" if onnx_quant == "matmulnbits" else "DequantizeLinear+MatMul")
+                       if k in layers else "MatMul (float32)"}
+                   for k, r in records.items()},
+        "config": sg_config.to_dict() if sg_config else None,
+    }
+    for key, value in meta.items():
+        program.metadata_props[META_PREFIX + key] = json.dumps(value)
+    weights = sum(v.const_value.nbytes for v in program.graph.initializers.values() if v.const_value is not None)
+    sidecar = {
+        "format": FORMAT, "format_version": 1, "file": MODEL_FILE,
+        "external_data": DATA_FILE if weights > EXTERNAL_DATA_BYTES else None,
+        "inputs": [v.name for v in program.graph.inputs], "outputs": [v.name for v in program.graph.outputs],
+        "num_layers": sum(1 for v in program.graph.inputs if v.name.endswith(".keys")),
+        "initializer_bytes": weights, **nbytes,
+        **{k: meta[k] for k in ("onnx_quant", "accuracy_level", "pattern", "sparsity", "bits")},
+    }
+    with atomic_dir(out, overwrite) as tmp:
+        ir.save(program, str(tmp / MODEL_FILE), external_data=sidecar["external_data"])
+        cfg = dict(hf_config)
+        cfg.pop("quantization_config", None)
+        cfg["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        copy_side_files(src, tmp)
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
+    return Path(out)

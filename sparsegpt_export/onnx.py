@@ -1,0 +1,168 @@
+"""`OnnxCausalLM`: a transformers generation model over an ONNX Runtime session of ``export --format onnx``.
+
+It is a `PreTrainedModel` with `GenerationMixin` and no torch weights: `forward` feeds the graph
+``input_ids``, ``attention_mask``, ``position_ids`` and the past keys and values of a `DynamicCache`, and
+returns the logits and the grown cache. So the ordinary ``generate`` (greedy, sampling, beams) and
+``transformers.pipeline("text-generation", model=OnnxCausalLM.from_pretrained(OUT), tokenizer=...)`` work as
+with Optimum's ORT models.
+
+```python
+from sparsegpt_export.onnx import OnnxCausalLM
+model = OnnxCausalLM.from_pretrained("OUT-onnx", num_threads=2)
+out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=32, do_sample=False)
+```
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+MODEL_FILE = "model.onnx"
+SIDECAR = "sparsegpt_onnx.json"
+
+
+class OnnxModelError(ValueError):
+    """The ONNX folder is incomplete or does not match what the runner expects; the message names the file."""
+
+
+def check_external_data(path: Path) -> list[Path]:
+    """The external-data files ``path`` refers to, each checked to exist and to be long enough."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # a truncated or foreign file
+        raise OnnxModelError(f"{path}: cannot be read as an ONNX model ({e})") from None
+    needed: dict[Path, int] = {}
+    for t in proto.graph.initializer:
+        if uses_external_data(t):
+            info = ExternalDataInfo(t)
+            f = path.parent / info.location
+            end = (info.offset or 0) + (info.length or 0)
+            needed[f] = max(needed.get(f, 0), end)
+    for f, end in needed.items():
+        if not f.is_file():
+            raise OnnxModelError(f"{path}: its weights live in the external-data file {f.name}, which is missing from {path.parent}")
+        if f.stat().st_size < end:
+            raise OnnxModelError(f"{f}: external-data file is truncated ({f.stat().st_size} bytes, the graph reads up to {end})")
+    return list(needed)
+
+
+class OnnxCausalLM(PreTrainedModel, GenerationMixin):
+    """Causal LM whose forward runs an ONNX Runtime session (see the module docstring)."""
+
+    main_input_name = "input_ids"
+    _supports_cache_class = True
+    _is_stateful = False
+
+    def __init__(self, config, session=None, model_dir: Optional[Path] = None):
+        super().__init__(config)
+        self.session = session
+        self.model_dir = model_dir
+        # no weights: a zero-size buffer gives the model its device and dtype (inputs and outputs live on the CPU)
+        self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
+        if session is not None:
+            self._inputs = {i.name: i for i in session.get_inputs()}
+            self._outputs = [o.name for o in session.get_outputs()]
+            self._past_names = [n for n in self._inputs if n.startswith("input.past_key_values.")]
+            self.num_layers = len(self._past_names) // 2
+            past = self._inputs[self._past_names[0]].shape if self._past_names else [None] * 4
+            text = config.get_text_config()
+            heads = getattr(text, "num_attention_heads", None) or 1
+            self._kv_heads = past[1] if isinstance(past[1], int) else getattr(text, "num_key_value_heads", None) or heads
+            self._head_dim = past[3] if isinstance(past[3], int) else (
+                getattr(text, "head_dim", None) or text.hidden_size // heads)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, *, num_threads: Optional[int] = None,
+                        providers: Optional[list] = None, session_options: Any = None, **_ignored) -> "OnnxCausalLM":
+        """Open ``model_dir/model.onnx`` (its external data checked first) in ONNX Runtime on the CPU.
+
+        ``num_threads``: intra-op threads (ONNX Runtime's default is every core of the machine);
+        ``providers`` / ``session_options``: passed to ``onnxruntime.InferenceSession`` as they are.
+        """
+        import onnxruntime as ort
+
+        d = Path(model_dir)
+        path = d / MODEL_FILE
+        if not path.is_file():
+            raise OnnxModelError(f"{d}: no {MODEL_FILE}; is this the output of `sparsegpt-export export --format onnx`?")
+        check_external_data(path)
+        config = AutoConfig.from_pretrained(str(d))
+        opts = session_options or ort.SessionOptions()
+        if num_threads:
+            opts.intra_op_num_threads = int(num_threads)
+            opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        names = {i.name for i in session.get_inputs()}
+        missing = {"input_ids", "attention_mask"} - names
+        if missing or "logits" not in {o.name for o in session.get_outputs()}:
+            raise OnnxModelError(f"{path}: not a generation graph of this package (inputs {sorted(names)})")
+        model = cls(config, session, d)
+        gen = d / "generation_config.json"
+        if gen.is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(d))
+        side = d / SIDECAR
+        model.export_info = json.loads(side.read_text()) if side.is_file() else {}
+        model.eval()
+        return model
+
+    def can_generate(self) -> bool:  # noqa: D102
+        return True
+
+    @property
+    def device(self) -> torch.device:
+        """Inputs and outputs are torch tensors on the CPU (the session's own device is ONNX Runtime's business)."""
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    # ------------------------------------------------------------------ running
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None, past_key_values: Any = None,
+                use_cache: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs) -> CausalLMOutputWithPast:
+        from transformers import DynamicCache
+
+        if self.session is None:
+            raise OnnxModelError("OnnxCausalLM has no session; build it with OnnxCausalLM.from_pretrained(DIR)")
+        input_ids = input_ids.cpu()
+        batch, seq = input_ids.shape
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+        attention_mask = attention_mask.cpu().long()
+        if attention_mask.shape[1] != past_len + seq:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, the cache and input {past_len + seq}")
+        if position_ids is None:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
+        if "position_ids" in self._inputs:
+            feeds["position_ids"] = position_ids.cpu().long().numpy()
+        for i in range(self.num_layers):
+            for kind in ("keys", "values"):
+                if past_len:
+                    layer = past_key_values.layers[i]
+                    t = layer.keys if kind == "keys" else layer.values
+                    feeds[f"input.past_key_values.layers.{i}.{kind}"] = t.detach().cpu().float().contiguous().numpy()
+                else:
+                    feeds[f"input.past_key_values.layers.{i}.{kind}"] = np.zeros(
+                        (batch, self._kv_heads, 0, self._head_dim), dtype=np.float32)
+        outs = dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
+        cache = None
+        if use_cache is not False:
+            cache = DynamicCache()
+            for i in range(self.num_layers):
+                cache.update(torch.from_numpy(outs[f"output.past_key_values.layers.{i}.keys"]),
+                             torch.from_numpy(outs[f"output.past_key_values.layers.{i}.values"]), i)
+        return CausalLMOutputWithPast(logits=torch.from_numpy(outs["logits"]), past_key_values=cache)

@@ -1,0 +1,258 @@
+"""ONNX export (MatMulNBits / QDQ / float) of tiny compressed models, and the ONNX Runtime runner."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import byte_tokenizer, compress_tiny, make_model
+
+pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def _session_with_level(path, level: int):
+    """The graph with every MatMulNBits' accuracy_level set to ``level``, opened from memory."""
+    proto = onnx.load(str(path))
+    n = 0
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+                    n += 1
+    assert n > 0
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _prefill_logits(session, ids: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones(ids.shape, np.int64),
+             "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+    for i in session.get_inputs():
+        if i.name.startswith("input.past_key_values"):
+            feeds[i.name] = np.zeros((ids.shape[0], kv_heads, 0, head_dim), np.float32)
+    return torch.from_numpy(session.run(["logits"], feeds)[0])
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """A tiny Llama compressed to 2:4 + 4-bit (symmetric, groups of 32) and its torch reference."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    tmp = tmp_path_factory.mktemp("onnx")
+    model = make_model("llama")
+    d = tmp / "tiny"
+    model.save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    cal = tmp / "calib.safetensors"
+    save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))}, str(cal))
+    assert compress_tiny((d, cal), tmp / "c") == 0
+    ref = AutoModelForCausalLM.from_pretrained(tmp / "c").eval()
+    return tmp, (d, cal), ref
+
+
+@pytest.fixture(scope="module")
+def exported(compressed):
+    """The CLI export with MatMulNBits at accuracy_level 0."""
+    from sparsegpt_export.cli import main
+
+    tmp, _, _ = compressed
+    out = tmp / "onnx-nbits"
+    assert main(["export", str(tmp / "c"), "--format", "onnx", "--accuracy-level", "0", "--out", str(out)]) == 0
+    return out
+
+
+def test_matmulnbits_graph_is_built_from_our_codes(compressed, exported):
+    from safetensors.torch import load_file
+
+    from sparsegpt_export.io import load_records
+
+    tmp, _, _ = compressed
+    proto = onnx.load(str(exported / "model.onnx"))
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    records = load_records(tmp / "c")
+    assert len(nodes) == len(records) == 14
+    assert len(proto.graph.sparse_initializer) == 0
+    assert not any(n.domain == "sparsegpt_export" for n in proto.graph.node)
+    inits = {t.name: t for t in proto.graph.initializer}
+    # no float copy of a compressed weight is left in the graph
+    assert not any(name in inits for name in (f"{k}.weight" for k in records))
+    # unpack one layer's nibbles and scales and compare with the compress output exactly
+    name = "model.layers.1.mlp.down_proj"
+    w = load_file(str(tmp / "c" / "model.safetensors"))[f"{name}.weight"]
+    B = onnx.numpy_helper.to_array(inits[f"{name}.qweight"])
+    S = onnx.numpy_helper.to_array(inits[f"{name}.scales"])
+    rows, cols = w.shape
+    codes = np.stack([B & 15, B >> 4], axis=-1).reshape(rows, -1)[:, :cols].astype(np.float32)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in next(n for n in nodes if n.name.startswith(name)).attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["K"] == cols and attrs["N"] == rows
+    assert attrs["accuracy_level"] == 0
+    values = (codes - 8) * np.repeat(S.reshape(rows, -1), 32, axis=1)[:, :cols]
+    assert np.array_equal(values.astype(np.float32), w.float().numpy())
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["sparsegpt_export.pattern"]) == "2:4"
+    assert json.loads(meta["sparsegpt_export.onnx_quant"]) == "matmulnbits"
+    assert json.loads(meta["sparsegpt_export.layers"])[name]["onnx"] == "MatMulNBits"
+    side = json.loads((exported / "sparsegpt_onnx.json").read_text())
+    # 4 bits + a float32 scale per 32 weights: 0.5/4 + 4/(32*4) of the float32 bytes
+    assert side["compressed_initializer_bytes"] / side["compressed_float32_bytes"] == pytest.approx(0.125 + 1 / 32)
+
+
+@pytest.mark.parametrize("level,tol", [(0, 1e-3), (1, 1e-3), (4, 2e-2)])
+def test_logits_parity_by_accuracy_level(compressed, exported, level, tol):
+    _, _, ref = compressed
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = _prefill_logits(_session_with_level(exported / "model.onnx", level), ids, 2, 16)
+    assert _rel(want, got) < tol
+
+
+def test_runner_generates_like_torch(compressed, exported):
+    from transformers import pipeline
+
+    from sparsegpt_export.onnx import OnnxCausalLM
+
+    _, _, ref = compressed
+    model = OnnxCausalLM.from_pretrained(exported, num_threads=1)
+    tok = byte_tokenizer()
+    enc = tok(["the quick brown fox", "hi"], return_tensors="pt", padding=True, padding_side="left")
+    want = ref.generate(**enc, max_new_tokens=32, do_sample=False)
+    got = model.generate(**enc, max_new_tokens=32, do_sample=False)
+    assert torch.equal(want, got)  # greedy, batched with left padding, KV cache through the graph
+    # decode steps reuse the cache: the logits of one step match a full forward of the same tokens
+    out = model(enc["input_ids"], attention_mask=enc["attention_mask"])
+    step = model(got[:, enc["input_ids"].shape[1]:][:, :1], attention_mask=torch.cat(
+        [enc["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1), past_key_values=out.past_key_values)
+    with torch.no_grad():
+        full = ref(torch.cat([enc["input_ids"], got[:, enc["input_ids"].shape[1]:][:, :1]], 1),
+                   attention_mask=torch.cat([enc["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)).logits
+    assert _rel(full[:, -1], step.logits[:, -1]) < 1e-3
+    torch.manual_seed(0)
+    sampled = model.generate(**enc, max_new_tokens=8, do_sample=True, top_k=20)
+    assert sampled.shape == (2, enc["input_ids"].shape[1] + 8)
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    text = pipe("the quick", max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert text.startswith("the quick") and len(text) > len("the quick")
+
+
+def test_run_command(exported, capsys):
+    from sparsegpt_export.cli import main
+
+    assert main(["run", str(exported), "--prompt", "hello", "--max-new-tokens", "5", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "[5 tokens in" in out
+
+
+def test_missing_external_data_is_a_clear_error(exported, tmp_path):
+    import shutil
+
+    from sparsegpt_export.onnx import OnnxCausalLM, OnnxModelError
+
+    d = tmp_path / "ext"
+    shutil.copytree(exported, d)
+    proto = onnx.load(str(d / "model.onnx"))
+    onnx.save(proto, str(d / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="model.onnx.data", size_threshold=1024)
+    OnnxCausalLM.from_pretrained(d, num_threads=1)  # complete: opens
+    (d / "model.onnx.data").unlink()
+    with pytest.raises(OnnxModelError, match="model.onnx.data.*missing"):
+        OnnxCausalLM.from_pretrained(d, num_threads=1)
+
+
+def test_qdq_asymmetric_and_float_graph(compressed, tmp_path):
+    """Asymmetric grids as UINT4 DequantizeLinear (block_size = group) + MatMul; and the float32 baseline."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsegpt_export.converters import onnx as onnx_export
+
+    _, saved, _ = compressed
+    assert compress_tiny(saved, tmp_path / "c", "--asym", "--pattern", "4:8") == 0
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
+    onnx_export.export(tmp_path / "c", tmp_path / "qdq", onnx_quant="qdq")
+    proto = onnx.load(str(tmp_path / "qdq" / "model.onnx"))
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 14
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert inits[dq[0].input[0]].data_type == onnx.TensorProto.UINT4
+    assert inits[dq[0].input[2]].data_type == onnx.TensorProto.UINT4
+    assert {a.name: a.i for a in dq[0].attribute} == {"axis": 0, "block_size": 32}
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no fusion to int8-activation MatMulNBits
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert _rel(want, _prefill_logits(sess, ids, 2, 16)) < 1e-3
+
+
+def test_float_graph_and_bad_input(compressed, tmp_path):
+    from sparsegpt_export.converters import onnx as onnx_export
+    from sparsegpt_export.converters.onnx import OnnxExportError
+
+    tmp, saved, ref = compressed
+    onnx_export.export(tmp / "c", tmp_path / "none", onnx_quant="none")
+    proto = onnx.load(str(tmp_path / "none" / "model.onnx"))
+    assert not any(n.op_type in ("MatMulNBits", "DequantizeLinear") for n in proto.graph.node)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(tmp_path / "none" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert _rel(want, _prefill_logits(sess, ids, 2, 16)) < 1e-5
+    # nothing quantized: MatMulNBits refuses and says how to get the float graph
+    assert compress_tiny(saved, tmp_path / "pruned", "--bits", "none") == 0
+    with pytest.raises(OnnxExportError, match="no quantized layers.*--onnx-quant none"):
+        onnx_export.export(tmp_path / "pruned", tmp_path / "x", onnx_quant="matmulnbits")
+    assert compress_tiny(saved, tmp_path / "q8", "--bits", "8") == 0
+    with pytest.raises(OnnxExportError, match=r"layer model\.layers\.0\.\S+ is 8-bit"):
+        onnx_export.export(tmp_path / "q8", tmp_path / "x", onnx_quant="qdq")
+    with pytest.raises(OnnxExportError, match="--onnx-quant 'int8'"):
+        onnx_export.export(tmp / "c", tmp_path / "x", onnx_quant="int8")
+    assert not (tmp_path / "x").exists()
+
+
+def test_gpt2_conv1d_with_quantized_lm_head(tmp_path):
+    """GPT-2's Conv1D layers and a tied lm_head quantized by --quantize-lm-head: all MatMulNBits, parity."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from sparsegpt_export.converters import onnx as onnx_export
+    from sparsegpt_export.io import load_records
+    from sparsegpt_export.onnx import OnnxCausalLM
+
+    model = make_model("gpt2")
+    emb = model.transformer.wte.weight.detach().clone()
+    d = tmp_path / "gpt2"
+    model.save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    cal = tmp_path / "calib.safetensors"
+    save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))}, str(cal))
+    assert compress_tiny((d, cal), tmp_path / "c", "--quantize-lm-head") == 0
+    rec = load_records(tmp_path / "c")["lm_head"]
+    assert rec.pattern == "dense" and rec.sparsity == 0.0 and rec.bits == 4
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
+    assert not ref.config.tie_word_embeddings
+    assert torch.equal(ref.transformer.wte.weight, emb)  # the embedding stays float
+    assert not torch.equal(ref.lm_head.weight, emb)
+    onnx_export.export(tmp_path / "c", tmp_path / "o", accuracy_level=0)
+    proto = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == 9  # 4 per block + the lm_head
+    om = OnnxCausalLM.from_pretrained(tmp_path / "o", num_threads=1)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert _rel(ref(ids).logits, om(ids).logits) < 1e-3
+    assert torch.equal(ref.generate(ids, max_new_tokens=32, do_sample=False),
+                       om.generate(ids, max_new_tokens=32, do_sample=False))
