@@ -104,7 +104,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
                                **({"strategy": "group", "group_size": g_out} if g_out else {"strategy": "channel"}))
     targets = ["re:^(" + "|".join(n.replace(".", r"\.") for n in sorted(records)) + ")$"]
     qcfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=targets, weights=weights)},
-                              format="pack-quantized", quantization_status="compressed", ignore=["lm_head"])
+                              format="pack-quantized", quantization_status="compressed",
+                              ignore=[] if "lm_head" in records else ["lm_head"])  # --quantize-lm-head: W4A16 too
     config.pop("quantization_config", None)
     numel = sum(r.shape[0] * r.shape[1] for r in records.values())
     pruned = sum(r.sparsity * r.shape[0] * r.shape[1] for r in records.values())

@@ -119,7 +119,7 @@ def _translation_installed():
     if not isinstance(table, dict):
         raise OnnxExportError(
             "this transformers version's ONNX exporter has no translation table (_ONNX_TRANSLATION_TABLE); "
-            "sparsegpt-export needs transformers' exporters module (transformers >= 5.20) for --format onnx"
+            "--format onnx needs a transformers release that ships the transformers.exporters ONNX exporter"
         )
     op, fn = _marker_op()
     had = op in table

@@ -256,3 +256,22 @@ def test_gpt2_conv1d_with_quantized_lm_head(tmp_path):
         assert _rel(ref(ids).logits, om(ids).logits) < 1e-3
     assert torch.equal(ref.generate(ids, max_new_tokens=32, do_sample=False),
                        om.generate(ids, max_new_tokens=32, do_sample=False))
+
+
+def test_quantized_lm_head_in_the_other_exports(compressed, tmp_path):
+    """A --quantize-lm-head output through compressed-tensors (lm_head W4A16 too) and sparse24 loads back exactly."""
+    from transformers import AutoModelForCausalLM
+
+    import sparsegpt_export  # noqa: F401  (registers the sparse24 loader)
+    from sparsegpt_export.converters import compressed_tensors, sparse24
+
+    _, saved, _ = compressed
+    assert compress_tiny(saved, tmp_path / "c", "--quantize-lm-head") == 0
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
+    compressed_tensors.export(tmp_path / "c", tmp_path / "ct", dtype="float32")
+    sparse24.export(tmp_path / "c", tmp_path / "s24", dtype="float32")
+    for d in ("ct", "s24"):
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / d, dtype=torch.float32).eval()
+        ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            assert torch.equal(ref(ids).logits, got(ids).logits), d

@@ -1,0 +1,316 @@
+"""Benchmark: SmolLM2-135M 2:4 + 4-bit as ONNX graphs in ONNX Runtime on CPU, against the float32 graph and torch.
+
+    python benchmarks/onnx_cpu.py [--threads 2] [--repeats 5] [--work DIR] [--out benchmarks/results]
+
+1. compress (unless ``--work`` already holds the outputs): SmolLM2-135M-Instruct to 2:4 + 4-bit g128 symmetric on
+   the fixed calibration tokens (``calib-smollm2-c4-128x512.safetensors``, 128 x 512), once as is and once with
+   ``--quantize-lm-head``;
+2. export three graphs with the CLI: ``--onnx-quant none`` (float32, the baseline), ``matmulnbits`` (float lm_head)
+   and ``matmulnbits`` of the ``--quantize-lm-head`` output, both at the default ``accuracy_level`` 4;
+3. sizes: the initializers of the compressed layers against their float32 bytes;
+4. parity against the torch compressed model (float32): logits of a 512-token WikiText-2 window with the
+   MatMulNBits nodes set to accuracy_level 0, 1 and 4; greedy generation of 32 tokens; perplexity on WikiText-2
+   (16 windows x 2048) of torch and of the shipped graphs (level 4);
+5. speed, all variants side by side in one process, interleaved per repeat, ONNX Runtime and torch on
+   ``--threads`` threads: prefill latency of 512 tokens and decode tokens/s of 128 new tokens after that prompt
+   (greedy, KV cache), median and spread (min, max) over ``--repeats`` runs after one warm-up.
+
+Writes ``<out>/onnx_cpu.json``, ``.md`` and ``.log`` (everything printed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("SPARSEGPT_DATA", ROOT.parent / "shared" / "data"))
+CALIB = DATA / "calib-smollm2-c4-128x512.safetensors"
+WIKI = DATA / "wikitext2-raw-test.txt"
+COMPRESS = ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym", "--dataset", str(CALIB),
+            "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--device", "cpu"]
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.f = open(path, "w")
+
+    def __call__(self, msg: str = "") -> None:
+        print(msg, flush=True)
+        self.f.write(msg + "\n")
+        self.f.flush()
+
+
+def sh(cmd: list[str], log: Log) -> float:
+    log("$ " + " ".join(str(c) for c in cmd[1:] if c))
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log("\n".join(line for line in p.stdout.splitlines() if "Loading weights" not in line and line.strip())[-3000:])
+    if p.returncode != 0:
+        raise RuntimeError(f"failed ({p.returncode}): {' '.join(map(str, cmd))}")
+    return time.perf_counter() - t0
+
+
+def stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+
+
+def compressed_bytes(path: Path) -> dict:
+    """Initializer bytes of the MatMulNBits layers, against the float32 bytes of their [N, K] weights."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    sizes = {}
+    for t in proto.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        bits = {onnx.TensorProto.UINT8: 8, onnx.TensorProto.FLOAT: 32, onnx.TensorProto.INT4: 4,
+                onnx.TensorProto.UINT4: 4}.get(t.data_type, 32)
+        sizes[t.name] = n * bits // 8
+    q = f = 0
+    layers = 0
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in node.attribute}
+            q += sum(sizes[i] for i in node.input[1:] if i)
+            f += 4 * a["K"] * a["N"]
+            layers += 1
+    return {"layers": layers, "initializer_bytes": q, "float32_bytes": f, "ratio": q / f if f else None}
+
+
+def session(path: Path, threads: int, level: int | None = None):
+    """An ONNX Runtime session; ``level`` rewrites every MatMulNBits' accuracy_level in memory first."""
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    if level is None:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+class OrtLoop:
+    """Prefill and greedy decode straight on the session (numpy feeds, presents fed back as past)."""
+
+    def __init__(self, sess, kv_heads: int, head_dim: int):
+        self.s = sess
+        self.past = [i.name for i in sess.get_inputs() if i.name.startswith("input.past_key_values")]
+        self.outs = [o.name for o in sess.get_outputs()]
+        self.kv, self.hd = kv_heads, head_dim
+
+    def prefill(self, ids: np.ndarray):
+        n = ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n)[None]}
+        feeds.update({k: np.zeros((1, self.kv, 0, self.hd), np.float32) for k in self.past})
+        return dict(zip(self.outs, self.s.run(self.outs, feeds)))
+
+    def decode(self, out: dict, steps: int, start: int) -> list[int]:
+        tokens = []
+        tok = int(out["logits"][0, -1].argmax())
+        for i in range(steps):
+            tokens.append(tok)
+            n = start + i
+            feeds = {"input_ids": np.array([[tok]], np.int64), "attention_mask": np.ones((1, n + 1), np.int64),
+                     "position_ids": np.array([[n]], np.int64)}
+            feeds.update({k: out["output" + k[len("input"):]] for k in self.past})
+            out = dict(zip(self.outs, self.s.run(self.outs, feeds)))
+            tok = int(out["logits"][0, -1].argmax())
+        return tokens
+
+
+class TorchLoop:
+    def __init__(self, model):
+        self.m = model
+
+    @torch.no_grad()
+    def prefill(self, ids: np.ndarray):
+        from transformers import DynamicCache
+
+        return self.m(input_ids=torch.from_numpy(ids), past_key_values=DynamicCache(), use_cache=True)
+
+    @torch.no_grad()
+    def decode(self, out, steps: int, start: int) -> list[int]:
+        tokens = []
+        tok = int(out.logits[0, -1].argmax())
+        cache = out.past_key_values
+        for i in range(steps):
+            tokens.append(tok)
+            out = self.m(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
+                         position_ids=torch.tensor([[start + i]]))
+            cache = out.past_key_values
+            tok = int(out.logits[0, -1].argmax())
+        return tokens
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--ppl-windows", type=int, default=16)
+    ap.add_argument("--work", default=str(Path.home() / ".cache" / "sparsegpt-export" / "bench-onnx"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--reuse-exports", action="store_true",
+                    help="keep the graphs already in --work (made by this script's export commands) instead of re-exporting")
+    args = ap.parse_args()
+    for f in (CALIB, WIKI):
+        if not f.is_file():
+            print(f"skipped: {f} is missing (set SPARSEGPT_DATA to the shared data folder)")
+            return 0
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = Log(out_dir / "onnx_cpu.log")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    torch.set_num_threads(args.threads)
+    import onnxruntime as ort
+    import transformers
+
+    log(f"# onnx_cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads {args.threads}; "
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, transformers {transformers.__version__}")
+    result: dict = {"threads": args.threads, "repeats": args.repeats, "prefill_tokens": args.prefill,
+                    "decode_tokens": args.decode, "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__,
+                                                               "transformers": transformers.__version__}}
+
+    # 1-2. compress and export ------------------------------------------------------------------------------
+    src = {"plain": work / "c-plain", "lmhead": work / "c-lmhead"}
+    for key, extra in (("plain", []), ("lmhead", ["--quantize-lm-head"])):
+        if not (src[key] / "sparsegpt_config.json").is_file():
+            sh([py, "-m", "sparsegpt_export", "compress", "smollm2-135m", *COMPRESS, *extra, "--out", str(src[key]),
+                "--overwrite", "--no-progress"], log)
+        else:
+            log(f"reusing {src[key]}")
+    graphs = {"onnx-float32": (src["plain"], "none"), "onnx-int4": (src["plain"], "matmulnbits"),
+              "onnx-int4-lmhead4": (src["lmhead"], "matmulnbits")}
+    result["export_s"] = {}
+    for name, (s, q) in graphs.items():
+        if args.reuse_exports and (work / name / "sparsegpt_onnx.json").is_file():
+            log(f"reusing {work / name}")
+            continue
+        result["export_s"][name] = round(sh([py, "-m", "sparsegpt_export", "export", str(s), "--format", "onnx",
+                                             "--onnx-quant", q, "--out", str(work / name), "--overwrite"], log), 1)
+
+    # 3. sizes --------------------------------------------------------------------------------------------------
+    result["sizes"] = {}
+    for name in graphs:
+        files = {f.name: f.stat().st_size for f in (work / name).iterdir() if f.name.startswith("model.onnx")}
+        entry = {"files": files}
+        if name != "onnx-float32":
+            entry["compressed_layers"] = compressed_bytes(work / name / "model.onnx")
+        result["sizes"][name] = entry
+        log(f"{name}: files {files} {entry.get('compressed_layers', '')}")
+
+    # 4. parity ---------------------------------------------------------------------------------------------------
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sparsegpt_export.evaluation import perplexity
+    from sparsegpt_export.onnx import OnnxCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(src["plain"]))
+    text = WIKI.read_text()
+    ids = tok(text[:20000].replace("\r\n", "\n"), return_tensors="np").input_ids[:, : args.prefill].astype(np.int64)
+    torch_models = {k: AutoModelForCausalLM.from_pretrained(str(v), dtype=torch.float32).eval() for k, v in src.items()}
+    cfg = torch_models["plain"].config
+    kv, hd = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    result["parity"] = {}
+    prompt = ids[:, :64]
+    for name, key in (("onnx-int4", "plain"), ("onnx-int4-lmhead4", "lmhead")):
+        tl = TorchLoop(torch_models[key])
+        want = tl.prefill(ids).logits[0].numpy()
+        want_gen = tl.decode(tl.prefill(prompt), 32, prompt.shape[1])
+        for level in (0, 1, 4):
+            loop = OrtLoop(session(work / name / "model.onnx", args.threads, level), kv, hd)
+            got = loop.prefill(ids)["logits"][0]
+            rel = float(np.abs(got - want).max() / np.abs(want).max())
+            gen = loop.decode(loop.prefill(prompt), 32, prompt.shape[1])
+            first_diff = next((i for i, (a, b) in enumerate(zip(want_gen, gen)) if a != b), None)
+            result["parity"][f"{name}@level{level}"] = {"logits_rel_err": rel, "greedy32_identical": gen == want_gen,
+                                                        "first_differing_token": first_diff}
+            log(f"parity {name} accuracy_level {level}: logits rel err {rel:.3g}, greedy 32 identical {gen == want_gen}")
+
+    result["perplexity"] = {}
+    for key, name in (("plain", "onnx-int4"), ("lmhead", "onnx-int4-lmhead4")):
+        t0 = time.perf_counter()
+        pt = perplexity(torch_models[key], tok, text, seqlen=2048, windows=args.ppl_windows, device="cpu")
+        t1 = time.perf_counter()
+        om = OnnxCausalLM.from_pretrained(work / name, num_threads=args.threads)
+        po = perplexity(om, tok, text, seqlen=2048, windows=args.ppl_windows, device="cpu")
+        t2 = time.perf_counter()
+        del om
+        result["perplexity"][key] = {"torch": pt["ppl"], "onnx": po["ppl"], "rel_diff": po["ppl"] / pt["ppl"] - 1,
+                                     "windows": pt["windows"], "seqlen": 2048, "torch_s": round(t1 - t0, 1),
+                                     "onnx_s": round(t2 - t1, 1)}
+        log(f"perplexity wikitext2 {key}: torch {pt['ppl']:.4f}, {name} {po['ppl']:.4f} "
+            f"({100 * (po['ppl'] / pt['ppl'] - 1):+.3f}%)")
+
+    # 5. speed ----------------------------------------------------------------------------------------------------
+    loops = {name: OrtLoop(session(work / name / "model.onnx", args.threads), kv, hd) for name in graphs}
+    loops["torch-eager"] = TorchLoop(torch_models["plain"])
+    timings = {name: {"prefill_ms": [], "decode_tok_s": []} for name in loops}
+    for rep in range(args.repeats + 1):
+        line = []
+        for name, loop in loops.items():
+            t0 = time.perf_counter()
+            out = loop.prefill(ids)
+            t1 = time.perf_counter()
+            loop.decode(out, args.decode, ids.shape[1])
+            t2 = time.perf_counter()
+            line.append(f"{name} prefill {1000 * (t1 - t0):.1f} ms decode {args.decode / (t2 - t1):.1f} tok/s")
+            if rep:  # the first round is the warm-up
+                timings[name]["prefill_ms"].append(1000 * (t1 - t0))
+                timings[name]["decode_tok_s"].append(args.decode / (t2 - t1))
+        log(f"repeat {rep}{' (warm-up)' if rep == 0 else ''}: " + "; ".join(line))
+    result["speed"] = {name: {k: stats(v) for k, v in t.items()} for name, t in timings.items()}
+    base = result["speed"]["onnx-float32"]
+    result["ratios"] = {
+        name: {"decode_vs_onnx_float32": result["speed"][name]["decode_tok_s"]["median"] / base["decode_tok_s"]["median"],
+               "prefill_speedup_vs_onnx_float32": base["prefill_ms"]["median"] / result["speed"][name]["prefill_ms"]["median"]}
+        for name in loops
+    }
+
+    # report -------------------------------------------------------------------------------------------------------
+    (out_dir / "onnx_cpu.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = [f"SmolLM2-135M-Instruct 2:4 + int4 g128 sym, ONNX Runtime {ort.__version__} CPU, {args.threads} threads; "
+          f"median (min-max) of {args.repeats} runs; prefill {args.prefill} tokens, decode {args.decode} new tokens.", "",
+          "| variant | prefill ms | decode tok/s | decode vs float32 ONNX | prefill speedup |", "|---|---|---|---|---|"]
+    for name, sp in result["speed"].items():
+        p, d, r = sp["prefill_ms"], sp["decode_tok_s"], result["ratios"][name]
+        md.append(f"| {name} | {p['median']:.1f} ({p['min']:.1f}-{p['max']:.1f}) | {d['median']:.1f} "
+                  f"({d['min']:.1f}-{d['max']:.1f}) | {r['decode_vs_onnx_float32']:.2f}x | "
+                  f"{r['prefill_speedup_vs_onnx_float32']:.2f}x |")
+    md += ["", "| graph | compressed-layer initializers | their float32 bytes | ratio |", "|---|---|---|---|"]
+    for name, s in result["sizes"].items():
+        c = s.get("compressed_layers")
+        if c:
+            md.append(f"| {name} | {c['initializer_bytes']:,} ({c['layers']} layers) | {c['float32_bytes']:,} | {c['ratio']:.4f} |")
+    md += ["", "| parity | logits rel err (512 tokens) | greedy 32 tokens identical |", "|---|---|---|"]
+    for k, v in result["parity"].items():
+        md.append(f"| {k} | {v['logits_rel_err']:.3g} | {v['greedy32_identical']} |")
+    md += ["", "| WikiText-2 ppl (16 x 2048) | torch | ONNX (accuracy_level 4) | difference |", "|---|---|---|---|"]
+    for k, v in result["perplexity"].items():
+        md.append(f"| {k} | {v['torch']:.4f} | {v['onnx']:.4f} | {100 * v['rel_diff']:+.3f}% |")
+    (out_dir / "onnx_cpu.md").write_text("\n".join(md) + "\n")
+    log("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
