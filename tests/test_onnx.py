@@ -197,14 +197,18 @@ def test_qdq_asymmetric_and_float_graph(compressed, tmp_path):
     assert _rel(want, _prefill_logits(sess, ids, 2, 16)) < 1e-3
 
 
-def test_float_graph_and_bad_input(compressed, tmp_path):
+def test_float_graph_external_data_and_bad_input(compressed, tmp_path, monkeypatch):
     from sparsegpt_export.converters import onnx as onnx_export
     from sparsegpt_export.converters.onnx import OnnxExportError
+    from sparsegpt_export.onnx import OnnxCausalLM
 
     tmp, saved, ref = compressed
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)  # as if the weights passed protobuf's 2 GB
     onnx_export.export(tmp / "c", tmp_path / "none", onnx_quant="none")
+    assert (tmp_path / "none" / "model.onnx.data").stat().st_size > (tmp_path / "none" / "model.onnx").stat().st_size
     proto = onnx.load(str(tmp_path / "none" / "model.onnx"))
     assert not any(n.op_type in ("MatMulNBits", "DequantizeLinear") for n in proto.graph.node)
+    OnnxCausalLM.from_pretrained(tmp_path / "none", num_threads=1)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(tmp_path / "none" / "model.onnx"), opts, providers=["CPUExecutionProvider"])
