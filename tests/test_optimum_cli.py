@@ -15,7 +15,7 @@ def _optimum_cli(*args):
 def test_help_lists_the_commands():
     r = _optimum_cli("sparsegpt", "--help")
     assert r.returncode == 0, r.stderr
-    for cmd in ("compress", "export", "eval"):
+    for cmd in ("compress", "export", "eval", "run"):
         assert cmd in r.stdout
     r = _optimum_cli("sparsegpt", "export", "--help")
     assert r.returncode == 0 and "--format" in r.stdout and "compressed-tensors" in r.stdout, r.stdout + r.stderr

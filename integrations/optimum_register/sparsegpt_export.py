@@ -1,4 +1,4 @@
-"""``optimum-cli sparsegpt {compress,eval,export} ...``: the sparsegpt-export commands inside optimum-cli.
+"""``optimum-cli sparsegpt {compress,eval,export,run} ...``: the sparsegpt-export commands inside optimum-cli.
 
 Installed as ``optimum/commands/register/sparsegpt_export.py`` (the PEP 420 namespace optimum-cli scans at
 start-up). It imports nothing heavy: each command takes its arguments verbatim and hands them to
@@ -38,9 +38,10 @@ class SparseGPTCommand(BaseOptimumCLICommand):
     SUBCOMMANDS = (
         CommandInfo(name="compress", help="prune (2:4, 4:8, N:M, unstructured) and quantize a causal LM one-shot",
                     subcommand_class=_Delegate),
-        CommandInfo(name="export", help="convert a compress output to sparse24, compressed-tensors or dense",
+        CommandInfo(name="export", help="convert a compress output to sparse24, compressed-tensors, dense or onnx",
                     subcommand_class=_Delegate),
         CommandInfo(name="eval", help="perplexity of a checkpoint (the paper's protocol)", subcommand_class=_Delegate),
+        CommandInfo(name="run", help="generate text with an ONNX export (ONNX Runtime)", subcommand_class=_Delegate),
     )
 
 
