@@ -34,6 +34,9 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "DequantizeLinear + MatMul (qdq), or a float32 graph (none)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
                    help="onnx: MatMulNBits accuracy_level (default 4: int8 activations on CPU; 0/1: float)")
+    p.add_argument("--ort-fusions", choices=["cpu", "cuda"], default=None,
+                   help="onnx: fuse norms, rotary embeddings (and attention where matched) into ONNX Runtime's own "
+                        "ops for that provider; the graph then runs on ONNX Runtime only")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -42,9 +45,9 @@ def run_export(args: argparse.Namespace) -> int:
     module = importlib.import_module(FORMATS[args.format][1])
     extra = {}
     if args.format == "onnx":
-        extra = {"onnx_quant": args.onnx_quant, "accuracy_level": args.accuracy_level}
-    elif args.onnx_quant != "matmulnbits" or args.accuracy_level != 4:
-        raise ValueError(f"--onnx-quant/--accuracy-level: apply to --format onnx only, not {args.format}")
+        extra = {"onnx_quant": args.onnx_quant, "accuracy_level": args.accuracy_level, "ort_fusions": args.ort_fusions}
+    elif args.onnx_quant != "matmulnbits" or args.accuracy_level != 4 or args.ort_fusions:
+        raise ValueError(f"--onnx-quant/--accuracy-level/--ort-fusions: apply to --format onnx only, not {args.format}")
     out = module.export(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite, **extra)
     files = [f for f in Path(out).rglob("*") if f.is_file()]
     total = sum(f.stat().st_size for f in files)

@@ -274,10 +274,13 @@ def _sample_inputs(model: nn.Module, vocab: int) -> dict[str, Any]:
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, overwrite: bool = False,
-           onnx_quant: str = "matmulnbits", accuracy_level: int = 4, opset: Optional[int] = None) -> Path:
+           onnx_quant: str = "matmulnbits", accuracy_level: int = 4, opset: Optional[int] = None,
+           ort_fusions: Optional[str] = None) -> Path:
     """Write the compress output ``src`` to ``out`` as an ONNX generation graph (see the module docstring).
 
     ``dtype`` is accepted for the CLI's sake: the graph is float32 (CPU serving); anything else is refused.
+    ``ort_fusions="cpu"``: transformers' ONNX Runtime fusions (RMSNorm, rotary, attention over the cache into
+    ONNX Runtime's own ops); the graph then runs on ONNX Runtime only.
     """
     import onnx_ir as ir
     from transformers import AutoModelForCausalLM
@@ -346,7 +349,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
     }
     with _translation_installed(), torch.no_grad():
         exported = OnnxExporter().export(
-            model, sample, OnnxConfig(dynamic=True, dynamic_shapes=dynamic_shapes, opset_version=opset))
+            model, sample, OnnxConfig(dynamic=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                                      ort_fusions=ort_fusions))
     program = exported.program
     nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
     if layers:
@@ -360,6 +364,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
     numel = sum(r.shape[0] * r.shape[1] for r in records.values() if r.pattern != "dense") or 1
     meta = {
         "onnx_quant": onnx_quant,
+        "ort_fusions": ort_fusions,
         "accuracy_level": accuracy_level if onnx_quant == "matmulnbits" else None,
         "pattern": patterns[0] if len(patterns) == 1 else patterns,
         "sparsity": round(sum(r.sparsity * r.shape[0] * r.shape[1] for r in records.values() if r.pattern != "dense") / numel, 6),
@@ -380,7 +385,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
         "inputs": [v.name for v in program.graph.inputs], "outputs": [v.name for v in program.graph.outputs],
         "num_layers": sum(1 for v in program.graph.inputs if v.name.endswith(".keys")),
         "initializer_bytes": weights, **nbytes,
-        **{k: meta[k] for k in ("onnx_quant", "accuracy_level", "pattern", "sparsity", "bits")},
+        **{k: meta[k] for k in ("onnx_quant", "ort_fusions", "accuracy_level", "pattern", "sparsity", "bits")},
     }
     with atomic_dir(out, overwrite) as tmp:
         ir.save(program, str(tmp / MODEL_FILE), external_data=sidecar["external_data"])

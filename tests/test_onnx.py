@@ -279,3 +279,42 @@ def test_quantized_lm_head_in_the_other_exports(compressed, tmp_path):
         ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(6))
         with torch.no_grad():
             assert torch.equal(ref(ids).logits, got(ids).logits), d
+
+
+def test_benchmark_helpers_measure_the_real_graph(compressed, exported):
+    """benchmarks/onnx_cpu.py's byte count and decode loop, on the tiny export."""
+    import sys
+
+    from conftest import ROOT
+
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    from benchmarks.onnx_cpu import OrtLoop, TorchLoop, compressed_bytes, session
+
+    side = json.loads((exported / "sparsegpt_onnx.json").read_text())
+    counted = compressed_bytes(exported / "model.onnx")
+    assert counted["layers"] == 14
+    assert counted["initializer_bytes"] == side["compressed_initializer_bytes"]
+    assert counted["float32_bytes"] == side["compressed_float32_bytes"]
+    _, _, ref = compressed
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(7)).numpy()
+    loop, tl = OrtLoop(session(exported / "model.onnx", 1, 0), 2, 16), TorchLoop(ref)
+    assert loop.decode(loop.prefill(ids), 10, 12) == tl.decode(tl.prefill(ids), 10, 12)
+
+
+def test_ort_fusions_keep_the_results(compressed, tmp_path):
+    """--ort-fusions cpu: norms and rotary embeddings become ONNX Runtime ops; logits and greedy text unchanged."""
+    from sparsegpt_export.converters import onnx as onnx_export
+    from sparsegpt_export.onnx import OnnxCausalLM
+
+    tmp, _, ref = compressed
+    onnx_export.export(tmp / "c", tmp_path / "fused", accuracy_level=0, ort_fusions="cpu")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "fused" / "model.onnx")).graph.node}
+    assert {"MatMulNBits", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} <= ops
+    model = OnnxCausalLM.from_pretrained(tmp_path / "fused", num_threads=1)
+    assert model.export_info["ort_fusions"] == "cpu"
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert _rel(ref(ids).logits, model(ids).logits) < 1e-3
+    assert torch.equal(ref.generate(ids, max_new_tokens=32, do_sample=False),
+                       model.generate(ids, max_new_tokens=32, do_sample=False))
