@@ -456,7 +456,9 @@ def _staged(block, chunks, todo, solve, hdtype, prof, hooks_time, bar) -> None:
                 x = args[0]
                 key = (x.data_ptr(), tuple(x.shape))
                 if acc_box.get("key") is None:
-                    acc_box["key"] = key
+                    # keep the input alive for the rest of this forward: no later tensor can then be allocated at
+                    # its address, so an equal key means the same input (not a freed one's memory reused)
+                    acc_box["key"], acc_box["x"] = key, x
                     if "acc" not in acc_box:
                         acc_box["acc"] = HessianAccumulator(x.shape[-1], device=x.device, dtype=hdtype, name=lname)
                     th = time.perf_counter()
@@ -478,12 +480,14 @@ def _staged(block, chunks, todo, solve, hdtype, prof, hooks_time, bar) -> None:
             with torch.no_grad():
                 for hs, kw in chunks:
                     acc_box["key"] = None
+                    acc_box.pop("x", None)
                     try:
                         block(hs, **kw)
                     except _StopForward:
                         pass
                     first_chunk[0] = False
         finally:
+            acc_box.pop("x", None)
             for h in handles:
                 h.remove()
         if not members:
