@@ -96,12 +96,10 @@ def session(path: Path, threads: int, level: int | None = None):
     opts.inter_op_num_threads = 1
     if level is None:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    from sparsegpt_export.converters.onnx import set_accuracy_level
+
     proto = onnx.load(str(path))
-    for node in proto.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = level
+    set_accuracy_level(proto, level)
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 

@@ -259,6 +259,19 @@ def _lower_markers(model, layers: dict[str, dict], onnx_quant: str, accuracy_lev
     return nbytes
 
 
+def set_accuracy_level(proto, level: int) -> int:
+    """Set ``accuracy_level`` on every MatMulNBits node of an ``onnx.ModelProto`` in place (e.g. to compare levels
+    without exporting again); returns how many nodes were changed."""
+    changed = 0
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = int(level)
+                    changed += 1
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------- export
 def _sample_inputs(model: nn.Module, vocab: int) -> dict[str, Any]:
     """Batch 2, 3 new tokens after 5 cached ones: distinct sizes, so every axis stays its own dynamic dimension."""

@@ -60,7 +60,6 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
     """Causal LM whose forward runs an ONNX Runtime session (see the module docstring)."""
 
     main_input_name = "input_ids"
-    _supports_cache_class = True
     _is_stateful = False
 
     def __init__(self, config, session=None, model_dir: Optional[Path] = None):

@@ -70,19 +70,23 @@ def calib():
     return torch.randint(0, 256, (8, 32), generator=g)
 
 
+def save_tiny(root: Path, arch: str = "llama", model=None) -> tuple[Path, Path]:
+    """A tiny checkpoint of ``arch`` (or ``model``) with a tokenizer in ``root/tiny-<arch>``, and a pre-tokenized
+    calibration file ``root/calib.safetensors`` (8 x 32 tokens, seed 1): what ``compress_tiny`` takes."""
+    from safetensors.torch import save_file
+
+    d = root / f"tiny-{arch}"
+    (model if model is not None else make_model(arch)).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    cal = root / "calib.safetensors"
+    save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))}, str(cal))
+    return d, cal
+
+
 @pytest.fixture
 def saved_tiny(tmp_path):
     """A tiny Llama checkpoint with a tokenizer and a pre-tokenized calibration file on disk."""
-    from safetensors.torch import save_file
-
-    model = make_model("llama")
-    d = tmp_path / "tiny-llama"
-    model.save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    g = torch.Generator().manual_seed(1)
-    cal = tmp_path / "calib.safetensors"
-    save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=g)}, str(cal))
-    return d, cal
+    return save_tiny(tmp_path)
 
 
 def compress_tiny(saved, out, *extra) -> int:

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import byte_tokenizer, compress_tiny, make_model
+from conftest import compress_tiny, save_tiny
 from sparsegpt_export.cli import main
 from sparsegpt_export.converters import dense, sparse24
 from sparsegpt_export.driver import LayerRecord
@@ -80,13 +80,8 @@ def test_round_trip_is_bit_exact(saved_tiny, tmp_path, case):
 
 def test_gpt2_conv1d_and_tied_weights(tmp_path):
     """Conv1D weights are stored [in, out]: packed as [out, in] and given back in the checkpoint's layout."""
-    src = tmp_path / "gpt2"
-    make_model("gpt2").save_pretrained(src)
-    byte_tokenizer().save_pretrained(src)
-    save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))},
-              str(tmp_path / "cal.safetensors"))
     comp = tmp_path / "c"
-    assert compress_tiny((src, tmp_path / "cal.safetensors"), comp, "--pattern", "2:4", "--bits", "4") == 0
+    assert compress_tiny(save_tiny(tmp_path, "gpt2"), comp, "--pattern", "2:4", "--bits", "4") == 0
     s24 = sparse24.export(comp, tmp_path / "s24", dtype="float32")
     layers = json.loads((s24 / "config.json").read_text())["quantization_config"]["layers"]
     assert layers["transformer.h.0.attn.c_proj"]["transposed"] and layers["transformer.h.0.mlp.c_fc"]["shape"] == [256, 64]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import byte_tokenizer, compress_tiny, make_model
+from conftest import byte_tokenizer, compress_tiny, make_model, save_tiny
 
 pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
@@ -20,15 +20,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _session_with_level(path, level: int):
     """The graph with every MatMulNBits' accuracy_level set to ``level``, opened from memory."""
+    from sparsegpt_export.converters.onnx import set_accuracy_level
+
     proto = onnx.load(str(path))
-    n = 0
-    for node in proto.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = level
-                    n += 1
-    assert n > 0
+    assert set_accuracy_level(proto, level) == 14
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -46,19 +41,13 @@ def _prefill_logits(session, ids: torch.Tensor, kv_heads: int, head_dim: int) ->
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     """A tiny Llama compressed to 2:4 + 4-bit (symmetric, groups of 32) and its torch reference."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     tmp = tmp_path_factory.mktemp("onnx")
-    model = make_model("llama")
-    d = tmp / "tiny"
-    model.save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    cal = tmp / "calib.safetensors"
-    save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))}, str(cal))
-    assert compress_tiny((d, cal), tmp / "c") == 0
+    saved = save_tiny(tmp)
+    assert compress_tiny(saved, tmp / "c") == 0
     ref = AutoModelForCausalLM.from_pretrained(tmp / "c").eval()
-    return tmp, (d, cal), ref
+    return tmp, saved, ref
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +219,6 @@ def test_float_graph_external_data_and_bad_input(compressed, tmp_path, monkeypat
 
 def test_gpt2_conv1d_with_quantized_lm_head(tmp_path):
     """GPT-2's Conv1D layers and a tied lm_head quantized by --quantize-lm-head: all MatMulNBits, parity."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from sparsegpt_export.converters import onnx as onnx_export
@@ -239,12 +227,7 @@ def test_gpt2_conv1d_with_quantized_lm_head(tmp_path):
 
     model = make_model("gpt2")
     emb = model.transformer.wte.weight.detach().clone()
-    d = tmp_path / "gpt2"
-    model.save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    cal = tmp_path / "calib.safetensors"
-    save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))}, str(cal))
-    assert compress_tiny((d, cal), tmp_path / "c", "--quantize-lm-head") == 0
+    assert compress_tiny(save_tiny(tmp_path, "gpt2", model), tmp_path / "c", "--quantize-lm-head") == 0
     rec = load_records(tmp_path / "c")["lm_head"]
     assert rec.pattern == "dense" and rec.sparsity == 0.0 and rec.bits == 4
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()

@@ -6,8 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sparsegpt_export  # noqa: F401  (registers quant_method "sparsegpt")
-from conftest import byte_tokenizer, compress_tiny, make_model
-from sparsegpt_export.cli import main
+from conftest import compress_tiny, save_tiny
 from sparsegpt_export.converters import dense, sparse24
 
 CASES = {
@@ -59,13 +58,8 @@ def test_from_pretrained_equals_the_compressed_model(saved_tiny, tmp_path, case)
 def test_pipeline_and_gpt2_conv1d(tmp_path):
     from transformers import AutoModelForCausalLM, pipeline
 
-    src = tmp_path / "gpt2"
-    make_model("gpt2").save_pretrained(src)
-    byte_tokenizer().save_pretrained(src)
-    save_file({"input_ids": torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))},
-              str(tmp_path / "cal.safetensors"))
     comp = tmp_path / "c"
-    assert compress_tiny((src, tmp_path / "cal.safetensors"), comp, "--pattern", "2:4", "--bits", "4") == 0
+    assert compress_tiny(save_tiny(tmp_path, "gpt2"), comp, "--pattern", "2:4", "--bits", "4") == 0
     s24 = sparse24.export(comp, tmp_path / "s24", dtype="float32")
     dn = dense.export(comp, tmp_path / "dense", dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(str(s24))
