@@ -36,7 +36,12 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="onnx: MatMulNBits accuracy_level (default 4: int8 activations on CPU; 0/1: float)")
     p.add_argument("--ort-fusions", choices=["cpu", "cuda"], default=None,
                    help="onnx: fuse norms, rotary embeddings (and attention where matched) into ONNX Runtime's own "
-                        "ops for that provider; the graph then runs on ONNX Runtime only")
+                        "ops for that provider; the graph then runs on ONNX Runtime only (traced graph)")
+    p.add_argument("--onnx-graph", choices=["auto", "gqa", "traced"], default="auto",
+                   help="onnx: gqa = the decoder written with ONNX Runtime's fused operators (GroupQueryAttention over "
+                        "the cache, RMSNorm, rotary; Llama, Mistral, Qwen2); traced = torch.onnx.export of the "
+                        "transformers code (any architecture). auto (default): gqa where it applies, except with "
+                        "--onnx-quant qdq or --ort-fusions")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -45,9 +50,12 @@ def run_export(args: argparse.Namespace) -> int:
     module = importlib.import_module(FORMATS[args.format][1])
     extra = {}
     if args.format == "onnx":
-        extra = {"onnx_quant": args.onnx_quant, "accuracy_level": args.accuracy_level, "ort_fusions": args.ort_fusions}
-    elif args.onnx_quant != "matmulnbits" or args.accuracy_level != 4 or args.ort_fusions:
-        raise ValueError(f"--onnx-quant/--accuracy-level/--ort-fusions: apply to --format onnx only, not {args.format}")
+        extra = {"onnx_quant": args.onnx_quant, "accuracy_level": args.accuracy_level, "ort_fusions": args.ort_fusions,
+                 "onnx_graph": args.onnx_graph}
+    elif (args.onnx_quant != "matmulnbits" or args.accuracy_level != 4 or args.ort_fusions
+          or args.onnx_graph != "auto"):
+        raise ValueError("--onnx-quant/--accuracy-level/--ort-fusions/--onnx-graph: apply to --format onnx only, "
+                         f"not {args.format}")
     out = module.export(args.model, args.out, dtype=args.dtype, overwrite=args.overwrite, **extra)
     files = [f for f in Path(out).rglob("*") if f.is_file()]
     total = sum(f.stat().st_size for f in files)

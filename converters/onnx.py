@@ -41,6 +41,7 @@ from torch import nn
 
 from sparsegpt_export.io import atomic_dir, load_config, load_records
 
+from . import onnx_gqa
 from .dense import copy_side_files, read_checkpoint, read_config
 from .sparse24 import _codes, _conv1d_modules
 
@@ -49,6 +50,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 SIDECAR = "sparsegpt_onnx.json"
 ONNX_QUANT = ("matmulnbits", "qdq", "none")
+ONNX_GRAPH = ("auto", "gqa", "traced")
 EXTERNAL_DATA_BYTES = 1_800_000_000
 MARKER_DOMAIN = "sparsegpt_export"
 MARKER_OP = "QLinear"
@@ -195,6 +197,28 @@ def qdq_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch
 
 
 # ---------------------------------------------------------------------------------------------- graph rewrite
+def quant_linear_nodes(name: str, x, spec: dict, onnx_quant: str, accuracy_level: int, init) -> tuple[list, Any]:
+    """The nodes of one 4-bit layer (no bias) on input value ``x``: MatMulNBits, or DequantizeLinear + MatMul.
+    ``init(suffix, array)`` registers an initializer named after the layer and returns its value."""
+    import onnx_ir as ir
+
+    if onnx_quant == "matmulnbits":
+        t, attrs = matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
+        inputs = [x, init("qweight", t["B"]), init("scales", t["scales"])]
+        if "zero_points" in t:
+            inputs.append(init("zero_points", t["zero_points"]))
+        mm = ir.node("MatMulNBits", inputs, attributes={**attrs, "accuracy_level": int(accuracy_level)},
+                     domain="com.microsoft", name=f"{name}/MatMulNBits")
+        return [mm], mm.outputs[0]
+    t, attrs = qdq_tensors(spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
+    dq_inputs = [init("qweight", t["weight"]), init("scales", t["scale"])]
+    if "zero_point" in t:
+        dq_inputs.append(init("zero_points", t["zero_point"]))
+    dq = ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=f"{name}/DequantizeLinear")
+    mm = ir.node("MatMul", [x, dq.outputs[0]], name=f"{name}/MatMul")
+    return [dq, mm], mm.outputs[0]
+
+
 def _lower_markers(model, layers: dict[str, dict], onnx_quant: str, accuracy_level: int) -> dict[str, int]:
     """Replace every ``QLinear`` node by MatMulNBits or DequantizeLinear + MatMul; returns byte counts."""
     import onnx_ir as ir
@@ -221,24 +245,7 @@ def _lower_markers(model, layers: dict[str, dict], onnx_quant: str, accuracy_lev
             nbytes["compressed_initializer_bytes"] += value.const_value.nbytes
             return value
 
-        new_nodes = []
-        if onnx_quant == "matmulnbits":
-            t, attrs = matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
-            inputs = [x, init("qweight", t["B"]), init("scales", t["scales"])]
-            if "zero_points" in t:
-                inputs.append(init("zero_points", t["zero_points"]))
-            mm = ir.node("MatMulNBits", inputs, attributes={**attrs, "accuracy_level": int(accuracy_level)},
-                         domain="com.microsoft", name=f"{name}/MatMulNBits")
-        else:
-            t, attrs = qdq_tensors(spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
-            dq_inputs = [init("qweight", t["weight"]), init("scales", t["scale"])]
-            if "zero_point" in t:
-                dq_inputs.append(init("zero_points", t["zero_point"]))
-            dq = ir.node("DequantizeLinear", dq_inputs, attributes=attrs, name=f"{name}/DequantizeLinear")
-            new_nodes.append(dq)
-            mm = ir.node("MatMul", [x, dq.outputs[0]], name=f"{name}/MatMul")
-        new_nodes.append(mm)
-        result = mm.outputs[0]
+        new_nodes, result = quant_linear_nodes(name, x, spec, onnx_quant, accuracy_level, init)
         if bias is not None:
             add = ir.node("Add", [result, bias], name=f"{name}/Add")
             new_nodes.append(add)
@@ -286,9 +293,79 @@ def _sample_inputs(model: nn.Module, vocab: int) -> dict[str, Any]:
             "position_ids": torch.arange(5, 8).expand(2, 3).contiguous(), "past_key_values": cache, "use_cache": True}
 
 
+def _build_gqa(model, layers: dict[str, dict], onnx_quant: str, accuracy_level: int, opset: Optional[int]):
+    """The ``gqa`` graph (`converters.onnx_gqa`), its 4-bit layers from ``layers``; returns (model, byte counts)."""
+    nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
+    qdq = onnx_quant == "qdq"
+
+    def linear(g, name: str, x, module):
+        bias = getattr(module, "bias", None)
+        if name in layers:
+            def init(suffix: str, array):
+                value = g.initializer(f"{name}.{suffix}", array)
+                nbytes["compressed_initializer_bytes"] += value.const_value.nbytes
+                return value
+
+            nodes, y = quant_linear_nodes(name, x, layers[name], onnx_quant, accuracy_level, init)
+            for node in nodes:
+                for j, out in enumerate(node.outputs):
+                    out.name = f"{node.name}_out{j}"
+            g.nodes.extend(nodes)
+            nbytes["compressed_float32_bytes"] += 4 * layers[name]["codes"].numel()
+        else:
+            w = module.weight.detach().float().t().contiguous().numpy()
+            y = g.op("MatMul", [x, g.initializer(f"{name}.weight_t", w)], f"{name}/MatMul")
+        if bias is not None:
+            y = g.op("Add", [y, g.initializer(f"{name}.bias", bias.detach().float().numpy())], f"{name}/Add")
+        return y
+
+    program = onnx_gqa.build(model, linear, opset=max(opset or 21, 21 if qdq else 17))
+    missing = sorted(set(layers) - {n.name.rsplit("/", 1)[0] for n in program.graph})
+    if missing:
+        raise OnnxExportError(f"layer {missing[0]}: compressed but not part of the gqa graph ({len(missing)} such layers)")
+    return program, nbytes
+
+
+def _trace(model, layers: dict[str, dict], hf_config: dict, conv1d, onnx_quant: str, accuracy_level: int,
+           opset: Optional[int], ort_fusions: Optional[str]):
+    """The ``traced`` graph: transformers' ONNX exporter with marker ops, lowered; returns (model, byte counts)."""
+    from transformers.exporters import OnnxConfig, OnnxExporter
+    from transformers.exporters.exporter_dynamo import get_auto_dynamic_shapes
+
+    if layers:
+        _marker_op()
+    for name in layers:
+        mod = model.get_submodule(name)
+        w = mod.weight.t() if name in conv1d else mod.weight
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, _Marked(name, w, mod.bias))
+
+    sample = _sample_inputs(model, hf_config.get("vocab_size") or model.config.vocab_size)
+    auto = torch.export.Dim.AUTO
+
+    def batch_and_length(spec):  # per cache tensor [batch, heads, length, head_dim]: only batch and length vary
+        if isinstance(spec, dict):
+            return {k: v for k, v in spec.items() if k in (0, 2)}
+        return type(spec)(batch_and_length(s) for s in spec) if isinstance(spec, (list, tuple)) else spec
+
+    dynamic_shapes = {  # batch, sequence and past length vary; heads and head size stay fixed
+        "input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
+        "past_key_values": batch_and_length(get_auto_dynamic_shapes(sample["past_key_values"])),
+    }
+    with _translation_installed(), torch.no_grad():
+        exported = OnnxExporter().export(
+            model, sample, OnnxConfig(dynamic=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
+                                      ort_fusions=ort_fusions))
+    program = exported.program
+    nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
+    if layers:
+        nbytes = _lower_markers(program, layers, onnx_quant, accuracy_level)
+    return program, nbytes
+
+
 def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, overwrite: bool = False,
            onnx_quant: str = "matmulnbits", accuracy_level: int = 4, opset: Optional[int] = None,
-           ort_fusions: Optional[str] = None) -> Path:
+           ort_fusions: Optional[str] = None, onnx_graph: str = "auto") -> Path:
     """Write the compress output ``src`` to ``out`` as an ONNX generation graph (see the module docstring).
 
     ``dtype`` is accepted for the CLI's sake: the graph is float32 (CPU serving); anything else is refused.
@@ -297,9 +374,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
     """
     import onnx_ir as ir
     from transformers import AutoModelForCausalLM
-    from transformers.exporters import OnnxConfig, OnnxExporter
 
     src = Path(src)
+    if onnx_graph not in ONNX_GRAPH:
+        raise OnnxExportError(f"--onnx-graph {onnx_graph!r}: choose one of {', '.join(ONNX_GRAPH)}")
     if onnx_quant not in ONNX_QUANT:
         raise OnnxExportError(f"--onnx-quant {onnx_quant!r}: choose one of {', '.join(ONNX_QUANT)}")
     if dtype not in (None, "float32", torch.float32):
@@ -338,36 +416,18 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
 
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     model.config.use_cache = True
-    if layers:
-        _marker_op()
-    for name in layers:
-        mod = model.get_submodule(name)
-        w = mod.weight.t() if name in conv1d else mod.weight
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, _Marked(name, w, mod.bias))
-
-    sample = _sample_inputs(model, hf_config.get("vocab_size") or model.config.vocab_size)
-    from transformers.exporters.exporter_dynamo import get_auto_dynamic_shapes
-
-    auto = torch.export.Dim.AUTO
-
-    def batch_and_length(spec):  # per cache tensor [batch, heads, length, head_dim]: only batch and length vary
-        if isinstance(spec, dict):
-            return {k: v for k, v in spec.items() if k in (0, 2)}
-        return type(spec)(batch_and_length(s) for s in spec) if isinstance(spec, (list, tuple)) else spec
-
-    dynamic_shapes = {  # batch, sequence and past length vary; heads and head size stay fixed
-        "input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
-        "past_key_values": batch_and_length(get_auto_dynamic_shapes(sample["past_key_values"])),
-    }
-    with _translation_installed(), torch.no_grad():
-        exported = OnnxExporter().export(
-            model, sample, OnnxConfig(dynamic=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                                      ort_fusions=ort_fusions))
-    program = exported.program
-    nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
-    if layers:
-        nbytes = _lower_markers(program, layers, onnx_quant, accuracy_level)
+    reason = onnx_gqa.unsupported(model)
+    if onnx_graph == "gqa" and reason:
+        raise OnnxExportError(f"--onnx-graph gqa: {src} has {reason}; export it with --onnx-graph traced")
+    if onnx_graph == "gqa" and ort_fusions:
+        raise OnnxExportError("--ort-fusions applies to the traced graph; the gqa graph is already written with "
+                              "ONNX Runtime's fused operators (drop --ort-fusions or use --onnx-graph traced)")
+    if onnx_graph == "auto":  # the portable qdq graph and the traced fusions keep the traced graph
+        onnx_graph = "traced" if reason or onnx_quant == "qdq" or ort_fusions else "gqa"
+    if onnx_graph == "gqa":
+        program, nbytes = _build_gqa(model, layers, onnx_quant, accuracy_level, opset)
+    else:
+        program, nbytes = _trace(model, layers, hf_config, conv1d, onnx_quant, accuracy_level, opset, ort_fusions)
     leftover = [n.name for n in program.graph if n.domain == MARKER_DOMAIN]
     if leftover:
         raise OnnxExportError(f"the graph still holds {len(leftover)} marker nodes ({leftover[0]})")
@@ -377,6 +437,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
     numel = sum(r.shape[0] * r.shape[1] for r in records.values() if r.pattern != "dense") or 1
     meta = {
         "onnx_quant": onnx_quant,
+        "onnx_graph": onnx_graph,
         "ort_fusions": ort_fusions,
         "accuracy_level": accuracy_level if onnx_quant == "matmulnbits" else None,
         "pattern": patterns[0] if len(patterns) == 1 else patterns,
@@ -398,7 +459,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
         "inputs": [v.name for v in program.graph.inputs], "outputs": [v.name for v in program.graph.outputs],
         "num_layers": sum(1 for v in program.graph.inputs if v.name.endswith(".keys")),
         "initializer_bytes": weights, **nbytes,
-        **{k: meta[k] for k in ("onnx_quant", "ort_fusions", "accuracy_level", "pattern", "sparsity", "bits")},
+        **{k: meta[k] for k in ("onnx_quant", "onnx_graph", "ort_fusions", "accuracy_level", "pattern", "sparsity", "bits")},
     }
     with atomic_dir(out, overwrite) as tmp:
         ir.save(program, str(tmp / MODEL_FILE), external_data=sidecar["external_data"])

@@ -66,6 +66,7 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.session = session
         self.model_dir = model_dir
+        self.share_kv_buffer = False
         # no weights: a zero-size buffer gives the model its device and dtype (inputs and outputs live on the CPU)
         self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
         if session is not None:
@@ -83,11 +84,14 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, num_threads: Optional[int] = None,
-                        providers: Optional[list] = None, session_options: Any = None, **_ignored) -> "OnnxCausalLM":
+                        providers: Optional[list] = None, session_options: Any = None,
+                        share_kv_buffer: Optional[bool] = None, **_ignored) -> "OnnxCausalLM":
         """Open ``model_dir/model.onnx`` (its external data checked first) in ONNX Runtime on the CPU.
 
         ``num_threads``: intra-op threads (ONNX Runtime's default is every core of the machine);
-        ``providers`` / ``session_options``: passed to ``onnxruntime.InferenceSession`` as they are.
+        ``providers`` / ``session_options``: passed to ``onnxruntime.InferenceSession`` as they are;
+        ``share_kv_buffer``: let the graph write the KV cache in place (IO binding) instead of returning a grown
+        copy each step; default: on for the ``gqa`` graph, which supports it, off for the traced one.
         """
         import onnxruntime as ort
 
@@ -112,6 +116,9 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
             model.generation_config = GenerationConfig.from_pretrained(str(d))
         side = d / SIDECAR
         model.export_info = json.loads(side.read_text()) if side.is_file() else {}
+        # the gqa graph's GroupQueryAttention can write the cache in place; the traced graph cannot
+        model.share_kv_buffer = (model.export_info.get("onnx_graph") == "gqa" if share_kv_buffer is None
+                                 else bool(share_kv_buffer))
         model.eval()
         return model
 
@@ -131,8 +138,6 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, past_key_values: Any = None,
                 use_cache: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs) -> CausalLMOutputWithPast:
-        from transformers import DynamicCache
-
         if self.session is None:
             raise OnnxModelError("OnnxCausalLM has no session; build it with OnnxCausalLM.from_pretrained(DIR)")
         input_ids = input_ids.cpu()
@@ -148,20 +153,98 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
         if "position_ids" in self._inputs:
             feeds["position_ids"] = position_ids.cpu().long().numpy()
+        if self.share_kv_buffer:
+            logits, pairs = self._run_shared(feeds, past_key_values, batch, past_len + seq)
+        else:
+            logits, pairs = self._run(feeds, past_key_values, batch, past_len)
+        cache = None
+        if use_cache is not False:
+            cache = _cache_of(pairs)
+            cache._sparsegpt_kv = getattr(pairs, "buffers", None)
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    def _run(self, feeds: dict, past, batch: int, past_len: int):
+        """Plain ``session.run``: the past as numpy inputs, the presents (past + new) as new outputs."""
         for i in range(self.num_layers):
             for kind in ("keys", "values"):
                 if past_len:
-                    layer = past_key_values.layers[i]
+                    layer = past.layers[i]
                     t = layer.keys if kind == "keys" else layer.values
                     feeds[f"input.past_key_values.layers.{i}.{kind}"] = t.detach().cpu().float().contiguous().numpy()
                 else:
                     feeds[f"input.past_key_values.layers.{i}.{kind}"] = np.zeros(
                         (batch, self._kv_heads, 0, self._head_dim), dtype=np.float32)
         outs = dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
-        cache = None
-        if use_cache is not False:
-            cache = DynamicCache()
-            for i in range(self.num_layers):
-                cache.update(torch.from_numpy(outs[f"output.past_key_values.layers.{i}.keys"]),
-                             torch.from_numpy(outs[f"output.past_key_values.layers.{i}.values"]), i)
-        return CausalLMOutputWithPast(logits=torch.from_numpy(outs["logits"]), past_key_values=cache)
+        pairs = _Pairs((torch.from_numpy(outs[f"output.past_key_values.layers.{i}.keys"]),
+                        torch.from_numpy(outs[f"output.past_key_values.layers.{i}.values"]))
+                       for i in range(self.num_layers))
+        return torch.from_numpy(outs["logits"]), pairs
+
+    def _run_shared(self, feeds: dict, past, batch: int, total: int):
+        """GroupQueryAttention writes the new keys and values into the cache buffers in place (ONNX Runtime's
+        past/present buffer sharing through IO binding): no copy of the cache per step. The buffers hold
+        ``capacity`` positions and double when full; the returned cache's tensors are views of them."""
+        import onnxruntime as ort
+
+        bufs = getattr(past, "_sparsegpt_kv", None) if past is not None else None
+        past_len = total - feeds["input_ids"].shape[1]
+        if bufs is None or not bufs.holds(past, batch, past_len) or bufs.capacity < total:
+            bufs = _KVBuffers(batch, self.num_layers, self._kv_heads, self._head_dim, total, past, past_len, ort)
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for i in range(self.num_layers):
+            for j, kind in enumerate(("keys", "values")):
+                value = bufs.values[2 * i + j]
+                binding.bind_ortvalue_input(f"input.past_key_values.layers.{i}.{kind}", value)
+                binding.bind_ortvalue_output(f"output.past_key_values.layers.{i}.{kind}", value)
+        self.session.run_with_iobinding(binding)
+        logits = torch.from_numpy(binding.get_outputs()[0].numpy())
+        pairs = _Pairs((bufs.tensors[2 * i][:, :, :total], bufs.tensors[2 * i + 1][:, :, :total])
+                       for i in range(self.num_layers))
+        pairs.buffers = bufs
+        return logits, pairs
+
+
+class _Pairs(list):
+    """(keys, values) per layer, with the shared buffers they live in (if any)."""
+
+    buffers = None
+
+
+def _cache_of(pairs) -> Any:
+    """A `DynamicCache` holding ``pairs`` as they are (no concatenation, so views of shared buffers stay views)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache()
+    for keys, values in pairs:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
+
+
+class _KVBuffers:
+    """Per layer, key and value buffers [batch, kv_heads, capacity, head_dim] as numpy arrays, the OrtValues over
+    them (no copy) and torch views of them; filled with the first ``past_len`` positions of ``past``."""
+
+    def __init__(self, batch: int, layers: int, kv_heads: int, head_dim: int, need: int, past, past_len: int, ort):
+        self.capacity = max(256, 2 * (-(-need // 256) * 256))
+        self.batch = batch
+        self.arrays = [np.zeros((batch, kv_heads, self.capacity, head_dim), np.float32) for _ in range(2 * layers)]
+        self.tensors = [torch.from_numpy(a) for a in self.arrays]
+        for i in range(layers if past_len else 0):
+            self.tensors[2 * i][:, :, :past_len] = past.layers[i].keys
+            self.tensors[2 * i + 1][:, :, :past_len] = past.layers[i].values
+        self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+
+    def holds(self, past, batch: int, past_len: int) -> bool:
+        """Whether every layer of ``past`` is still a view of these buffers (beam search reorders make copies)."""
+        if batch != self.batch or len(past.layers) * 2 != len(self.tensors):
+            return False
+        return all(layer.keys.data_ptr() == self.tensors[2 * i].data_ptr()
+                   and layer.values.data_ptr() == self.tensors[2 * i + 1].data_ptr()
+                   and layer.keys.shape[-2] == past_len for i, layer in enumerate(past.layers))

@@ -301,3 +301,96 @@ def test_ort_fusions_keep_the_results(compressed, tmp_path):
         assert _rel(ref(ids).logits, model(ids).logits) < 1e-3
     assert torch.equal(ref.generate(ids, max_new_tokens=32, do_sample=False),
                        model.generate(ids, max_new_tokens=32, do_sample=False))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_gqa_graph_matches_torch(tmp_path, arch):
+    """The gqa graph (the default for these architectures): ONNX Runtime's fused ops, same inputs and outputs as the
+    traced graph, logits and greedy text of a left-padded batch as torch; the cache buffers shared in place grow
+    past their first capacity (a 200-token prompt, 400 new tokens) and beam search reorders them."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsegpt_export.converters import onnx as onnx_export
+    from sparsegpt_export.onnx import OnnxCausalLM
+
+    saved = save_tiny(tmp_path, arch)
+    assert compress_tiny(saved, tmp_path / "c") == 0
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "c").eval()
+    onnx_export.export(tmp_path / "c", tmp_path / "gqa", accuracy_level=0)
+    proto = onnx.load(str(tmp_path / "gqa" / "model.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("GroupQueryAttention") == ops.count("RotaryEmbedding") // 2 == 2
+    assert ops.count("MatMulNBits") == 14 and "Expand" in ops and "Transpose" not in ops
+    model = OnnxCausalLM.from_pretrained(tmp_path / "gqa", num_threads=1)
+    assert model.export_info["onnx_graph"] == "gqa" and model.share_kv_buffer
+    assert [i.name for i in model.session.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]
+    ids = torch.randint(3, 256, (2, 200), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+    got = model(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert _rel(want[keep], got[keep]) < 1e-3
+    a = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=400, min_new_tokens=400, do_sample=False)
+    b = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=400, min_new_tokens=400, do_sample=False)
+    assert torch.equal(a, b)
+    short = ids[:, :20], mask[:, :20]
+    a = ref.generate(input_ids=short[0], attention_mask=short[1], max_new_tokens=12, num_beams=3, do_sample=False)
+    b = model.generate(input_ids=short[0], attention_mask=short[1], max_new_tokens=12, num_beams=3, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_shared_kv_buffer_writes_in_place(compressed, tmp_path):
+    """With buffer sharing a decode step adds to the same memory (the returned cache is a view of it), gives the
+    same logits as without it, and a cache that is not a view of the buffers (a copy) is taken over correctly."""
+    from sparsegpt_export.converters import onnx as onnx_export
+    from sparsegpt_export.onnx import OnnxCausalLM
+
+    tmp, _, _ = compressed
+    onnx_export.export(tmp / "c", tmp_path / "gqa", accuracy_level=0, onnx_graph="gqa")
+    shared = OnnxCausalLM.from_pretrained(tmp_path / "gqa", num_threads=1)
+    plain = OnnxCausalLM.from_pretrained(tmp_path / "gqa", num_threads=1, share_kv_buffer=False)
+    ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(5))
+    first = shared(ids[:, :20])
+    ptr = first.past_key_values.layers[0].keys.data_ptr()
+    step = shared(ids[:, 20:21], past_key_values=first.past_key_values)
+    assert step.past_key_values.layers[0].keys.data_ptr() == ptr
+    assert step.past_key_values.get_seq_length() == 21
+    ref_first = plain(ids[:, :20])
+    ref_step = plain(ids[:, 20:21], past_key_values=ref_first.past_key_values)
+    assert torch.equal(step.logits, ref_step.logits)
+    for layer_a, layer_b in zip(step.past_key_values.layers, ref_step.past_key_values.layers):
+        assert torch.equal(layer_a.keys, layer_b.keys) and torch.equal(layer_a.values, layer_b.values)
+    # a cache of copies (as beam search's reorder makes) is copied into fresh buffers, not trusted
+    more = shared(ids[:, 21:30], past_key_values=ref_step.past_key_values)
+    assert more.past_key_values.layers[0].keys.data_ptr() != ptr
+    ref_more = plain(ids[:, 21:30], past_key_values=ref_step.past_key_values)
+    assert torch.equal(more.logits, ref_more.logits)
+
+
+def test_onnx_graph_option(compressed, tmp_path, capsys):
+    from sparsegpt_export.cli import main
+    from sparsegpt_export.converters import onnx as onnx_export
+
+    tmp, _, _ = compressed
+    with pytest.raises(ValueError, match="--onnx-graph 'fused'"):
+        onnx_export.export(tmp / "c", tmp_path / "x", onnx_graph="fused")
+    with pytest.raises(ValueError, match="--ort-fusions applies to the traced graph"):
+        onnx_export.export(tmp / "c", tmp_path / "x", onnx_graph="gqa", ort_fusions="cpu")
+    assert main(["export", str(tmp / "c"), "--format", "dense", "--onnx-graph", "gqa", "--out", str(tmp_path / "d")]) != 0
+    assert "--onnx-graph: apply to --format onnx only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()
+    # qdq stays portable: auto keeps the traced graph for it
+    onnx_export.export(tmp / "c", tmp_path / "q", onnx_quant="qdq")
+    assert json.loads((tmp_path / "q" / "sparsegpt_onnx.json").read_text())["onnx_graph"] == "traced"
+
+
+def test_gqa_graph_refuses_other_architectures(tmp_path):
+    from sparsegpt_export.converters import onnx as onnx_export
+
+    saved = save_tiny(tmp_path, "gpt2")
+    assert compress_tiny(saved, tmp_path / "c") == 0
+    with pytest.raises(ValueError, match="model type 'gpt2'.*--onnx-graph traced"):
+        onnx_export.export(tmp_path / "c", tmp_path / "x", onnx_graph="gqa")
+    assert not (tmp_path / "x").exists()

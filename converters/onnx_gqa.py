@@ -1,0 +1,188 @@
+"""The ``gqa`` ONNX graph: a Llama-family decoder written node by node with ONNX Runtime's fused operators.
+
+The traced graph (``--onnx-graph traced``) is what ``torch.onnx.export`` makes of the transformers code: about
+70 nodes per decoder layer, the key/value heads repeated for every query head (``repeat_kv``) and transposed
+on every step. At one token per step that bookkeeping costs more than the 4-bit matmuls themselves. This
+builder writes the same model as ONNX Runtime's own model builders do, with the same inputs and outputs as the
+traced graph so that `OnnxCausalLM` runs either:
+
+- ``SimplifiedLayerNormalization`` / ``com.microsoft.SkipSimplifiedLayerNormalization`` for RMSNorm and the
+  residual adds;
+- the linear layers as ``com.microsoft.MatMulNBits`` from our codes (or ``DequantizeLinear`` + ``MatMul``, or
+  float ``MatMul``), exactly as in the traced graph;
+- ``com.microsoft.RotaryEmbedding`` on the query and key with the model's own cos/sin tables (``position_ids``
+  as given, so left-padded batches keep transformers' positions);
+- ``com.microsoft.GroupQueryAttention`` over the past keys and values (no repeated heads), the padding of
+  ``attention_mask`` passed as ``attention_bias``;
+- SiLU as ``com.microsoft.QuickGelu`` with alpha 1 (x·sigmoid(x)).
+
+Supported: ``llama``, ``mistral`` and ``qwen2`` checkpoints with SiLU MLPs, a full-length attention (no sliding
+window) and rotary tables that do not change with the sequence length. `unsupported` says why another one is not,
+and ``--onnx-graph auto`` then falls back to the traced graph.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+MASKED = 1.0e9  # attention_bias is (mask - 1) * MASKED: -1e9 at padded keys, large but finite (a fully padded row
+# stays a valid softmax)
+
+
+def unsupported(model) -> Optional[str]:
+    """Why ``model`` (a loaded transformers causal LM) cannot be written as the ``gqa`` graph, or None."""
+    cfg = model.config
+    if cfg.model_type not in MODEL_TYPES:
+        return f"model type {cfg.model_type!r} (the gqa graph covers {', '.join(MODEL_TYPES)})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} (the gqa graph writes SiLU MLPs)"
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and getattr(cfg, "use_sliding_window", True) and window < cfg.max_position_embeddings:
+        return f"sliding-window attention ({window} tokens)"
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        return "no rotary embedding module at model.model.rotary_emb"
+    if getattr(rotary, "rope_type", "default") not in STATIC_ROPE:
+        return f"rope type {rotary.rope_type!r} changes its tables with the sequence length"
+    return None
+
+
+def _rope_tables(model) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_position_embeddings, head_dim/2] as transformers computes them (float32, scaled)."""
+    rotary = model.model.rotary_emb
+    pos = torch.arange(model.config.max_position_embeddings, dtype=torch.float32)
+    freqs = pos[:, None] * rotary.inv_freq.float()[None, :]
+    scale = float(getattr(rotary, "attention_scaling", 1.0))
+    return (freqs.cos() * scale).numpy(), (freqs.sin() * scale).numpy()
+
+
+def build(model, linear: Callable, opset: int = 21):
+    """The ``gqa`` graph of ``model`` as an ``onnx_ir.Model``.
+
+    ``linear(graph, name, x, module)`` adds the nodes of one linear layer (``name`` its module path, ``x`` its
+    input value) and returns the output value; the caller decides MatMulNBits, QDQ or float per layer.
+    """
+    import onnx_ir as ir
+
+    reason = unsupported(model)
+    if reason:
+        raise ValueError(f"--onnx-graph gqa: {reason}")
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    eps = float(cfg.rms_norm_eps)
+    g = GraphBuilder()
+    f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
+
+    input_ids = g.input("input_ids", i64, ["batch", "sequence"])
+    mask = g.input("attention_mask", i64, ["batch", "total_sequence"])
+    position_ids = g.input("position_ids", i64, ["batch", "sequence"])
+    layers = model.model.layers
+    past = [(g.input(f"input.past_key_values.layers.{i}.keys", f32, ["batch", kv_heads, "past_sequence", head_dim]),
+             g.input(f"input.past_key_values.layers.{i}.values", f32, ["batch", kv_heads, "past_sequence", head_dim]))
+            for i in range(len(layers))]
+
+    # shared by every layer: the cache length, the padding as an additive bias, the rotary tables
+    batch = g.op("Shape", [input_ids], "shape/batch", start=0, end=1)
+    seq = g.op("Shape", [input_ids], "shape/sequence", start=1, end=2)
+    total = g.op("Shape", [mask], "shape/total", start=1, end=2)
+    total32 = g.op("Cast", [total], "shape/total_int32", to=ir.DataType.INT32)
+    total_scalar = g.op("Reshape", [total32, g.const("scalar_shape", np.zeros(0, np.int64))], "shape/total_scalar")
+    seqlens_k = g.op("Expand", [g.op("Sub", [total_scalar, g.const("one_int32", np.array(1, np.int32))],
+                                     "shape/last_position"), batch], "shape/seqlens_k")
+    padded = g.op("Sub", [g.op("Cast", [mask], "bias/mask_float", to=f32), g.const("one", np.array(1, np.float32))],
+                  "bias/padded")
+    bias = g.op("Mul", [padded, g.const("masked", np.array(MASKED, np.float32))], "bias/scaled")
+    bias = g.op("Unsqueeze", [bias, g.const("axes_1_2", np.array([1, 2], np.int64))], "bias/unsqueeze")
+    bias_shape = g.op("Concat", [batch, g.const("one_int64", np.array([1], np.int64)), seq, total], "bias/shape", axis=0)
+    bias = g.op("Expand", [bias, bias_shape], "bias/expand")
+    cos, sin = _rope_tables(model)
+    cos_cache, sin_cache = g.initializer("rotary.cos_cache", cos), g.initializer("rotary.sin_cache", sin)
+
+    embed = model.get_input_embeddings().weight.detach().float().numpy()
+    x = g.op("Gather", [g.initializer("model.embed_tokens.weight", embed), input_ids], "model.embed_tokens", axis=0)
+    residual, hidden = x, None
+    for i, layer in enumerate(layers):
+        p = f"model.layers.{i}"
+        attn = layer.self_attn
+        h, residual = _norm(g, p + ".input_layernorm", layer.input_layernorm, hidden, residual, eps)
+        q = linear(g, p + ".self_attn.q_proj", h, attn.q_proj)
+        k = linear(g, p + ".self_attn.k_proj", h, attn.k_proj)
+        v = linear(g, p + ".self_attn.v_proj", h, attn.v_proj)
+        q = g.op("RotaryEmbedding", [q, position_ids, cos_cache, sin_cache], p + ".self_attn/rotary_q",
+                 domain="com.microsoft", num_heads=heads, interleaved=0)
+        k = g.op("RotaryEmbedding", [k, position_ids, cos_cache, sin_cache], p + ".self_attn/rotary_k",
+                 domain="com.microsoft", num_heads=kv_heads, interleaved=0)
+        out, present_k, present_v = g.op(
+            "GroupQueryAttention",
+            [q, k, v, past[i][0], past[i][1], seqlens_k, total_scalar, None, None, None, bias],
+            p + ".self_attn/GroupQueryAttention", domain="com.microsoft", num_outputs=3,
+            num_heads=heads, kv_num_heads=kv_heads, scale=float(getattr(attn, "scaling", head_dim ** -0.5)))
+        g.output(present_k, f"output.past_key_values.layers.{i}.keys", f32, ["batch", kv_heads, "total_sequence", head_dim])
+        g.output(present_v, f"output.past_key_values.layers.{i}.values", f32, ["batch", kv_heads, "total_sequence", head_dim])
+        hidden = linear(g, p + ".self_attn.o_proj", out, attn.o_proj)
+        h, residual = _norm(g, p + ".post_attention_layernorm", layer.post_attention_layernorm, hidden, residual, eps)
+        mlp = layer.mlp
+        gate = linear(g, p + ".mlp.gate_proj", h, mlp.gate_proj)
+        up = linear(g, p + ".mlp.up_proj", h, mlp.up_proj)
+        act = g.op("QuickGelu", [gate], p + ".mlp/silu", domain="com.microsoft", alpha=1.0)
+        hidden = linear(g, p + ".mlp.down_proj", g.op("Mul", [act, up], p + ".mlp/mul"), mlp.down_proj)
+    h, _ = _norm(g, "model.norm", model.model.norm, hidden, residual, eps)
+    logits = linear(g, "lm_head", h, model.get_output_embeddings())
+    g.output(logits, "logits", f32, ["batch", "sequence", cfg.vocab_size])
+    # the cache outputs were declared layer by layer; logits goes first, as in the traced graph
+    g.outputs.insert(0, g.outputs.pop())
+    graph = ir.Graph(g.inputs, g.outputs, nodes=g.nodes, initializers=g.initializers,
+                     opset_imports={"": opset, "com.microsoft": 1}, name="sparsegpt_export_gqa")
+    return ir.Model(graph, ir_version=10, producer_name="sparsegpt-export")
+
+
+def _norm(g: "GraphBuilder", name: str, module, hidden, residual, eps: float):
+    """RMSNorm of ``residual + hidden`` (just ``residual`` for the first); returns (normed, new residual)."""
+    weight = g.initializer(name + ".weight", module.weight.detach().float().numpy())
+    if hidden is None:
+        return g.op("SimplifiedLayerNormalization", [residual, weight], name, axis=-1, epsilon=eps, stash_type=1), residual
+    normed, _, _, summed = g.op("SkipSimplifiedLayerNormalization", [hidden, residual, weight], name,
+                                domain="com.microsoft", num_outputs=4, epsilon=eps)
+    return normed, summed
+
+
+class GraphBuilder:
+    """A flat list of nodes, initializers, inputs and outputs, every value named after the node that makes it."""
+
+    def __init__(self):
+        import onnx_ir as ir
+
+        self.ir = ir
+        self.nodes, self.initializers, self.inputs, self.outputs = [], [], [], []
+        self.initializer_bytes: dict[str, int] = {}
+
+    def input(self, name: str, dtype, shape: list):
+        v = self.ir.Value(name=name, shape=self.ir.Shape(shape), type=self.ir.TensorType(dtype))
+        self.inputs.append(v)
+        return v
+
+    def output(self, value, name: str, dtype, shape: list) -> None:
+        value.name, value.shape, value.type = name, self.ir.Shape(shape), self.ir.TensorType(dtype)
+        self.outputs.append(value)
+
+    def initializer(self, name: str, array):
+        v = self.ir.Value(name=name, const_value=self.ir.tensor(array, name=name))
+        self.initializers.append(v)
+        self.initializer_bytes[name] = v.const_value.nbytes
+        return v
+
+    def const(self, name: str, array: np.ndarray):
+        return self.initializer("const." + name, array)
+
+    def op(self, op_type: str, inputs: list, name: str, domain: str = "", num_outputs: int = 1, **attrs):
+        node = self.ir.node(op_type, inputs, attributes=attrs, domain=domain, num_outputs=num_outputs, name=name)
+        for j, out in enumerate(node.outputs):
+            out.name = f"{name}/{op_type}_out{j}"
+        self.nodes.append(node)
+        return node.outputs[0] if num_outputs == 1 else list(node.outputs)
