@@ -1,21 +1,24 @@
 """Benchmark: SmolLM2-135M 2:4 + 4-bit as ONNX graphs in ONNX Runtime on CPU, against the float32 graph and torch.
 
-    python benchmarks/onnx_cpu.py [--threads 2] [--repeats 5] [--work DIR] [--out benchmarks/results]
+    python benchmarks/onnx_cpu.py [--threads 2] [--repeats 5] [--onnx-graph gqa|traced] [--work DIR] [--out DIR]
 
 1. compress (unless ``--work`` already holds the outputs): SmolLM2-135M-Instruct to 2:4 + 4-bit g128 symmetric on
    the fixed calibration tokens (``calib-smollm2-c4-128x512.safetensors``, 128 x 512), once as is and once with
    ``--quantize-lm-head``;
-2. export three graphs with the CLI: ``--onnx-quant none`` (float32, the baseline), ``matmulnbits`` (float lm_head)
-   and ``matmulnbits`` of the ``--quantize-lm-head`` output, both at the default ``accuracy_level`` 4;
+2. export three graphs with the CLI (``--onnx-graph gqa`` unless told otherwise): ``--onnx-quant none`` (float32,
+   the baseline), ``matmulnbits`` (float lm_head) and ``matmulnbits`` of the ``--quantize-lm-head`` output, both
+   at the default ``accuracy_level`` 4;
 3. sizes: the initializers of the compressed layers against their float32 bytes;
 4. parity against the torch compressed model (float32): logits of a 512-token WikiText-2 window with the
    MatMulNBits nodes set to accuracy_level 0, 1 and 4; greedy generation of 32 tokens; perplexity on WikiText-2
    (16 windows x 2048) of torch and of the shipped graphs (level 4);
 5. speed, all variants side by side in one process, interleaved per repeat, ONNX Runtime and torch on
    ``--threads`` threads: prefill latency of 512 tokens and decode tokens/s of 128 new tokens after that prompt
-   (greedy, KV cache), median and spread (min, max) over ``--repeats`` runs after one warm-up.
+   (greedy, KV cache), median and spread (min, max) over ``--repeats`` runs after one warm-up. The ONNX graphs
+   run through `OnnxCausalLM` (for the gqa graph with the KV buffers shared in place), torch through the model.
 
-Writes ``<out>/onnx_cpu.json``, ``.md`` and ``.log`` (everything printed).
+Writes ``<out>/onnx_cpu.json``, ``.md`` and ``.log`` (everything printed); ``onnx_cpu_traced.*`` with
+``--onnx-graph traced``, ``onnx_cpu_fused.*`` with ``--ort-fusions``.
 """
 from __future__ import annotations
 
@@ -65,7 +68,8 @@ def stats(xs: list[float]) -> dict:
 
 
 def compressed_bytes(path: Path) -> dict:
-    """Initializer bytes of the MatMulNBits layers, against the float32 bytes of their [N, K] weights."""
+    """Initializer bytes of the MatMulNBits nodes (a packed node holds several layers), against the float32 bytes of
+    their [N, K] weights."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
@@ -76,14 +80,14 @@ def compressed_bytes(path: Path) -> dict:
                 onnx.TensorProto.UINT4: 4}.get(t.data_type, 32)
         sizes[t.name] = n * bits // 8
     q = f = 0
-    layers = 0
+    nodes = 0
     for node in proto.graph.node:
         if node.op_type == "MatMulNBits":
             a = {x.name: x.i for x in node.attribute}
             q += sum(sizes[i] for i in node.input[1:] if i)
             f += 4 * a["K"] * a["N"]
-            layers += 1
-    return {"layers": layers, "initializer_bytes": q, "float32_bytes": f, "ratio": q / f if f else None}
+            nodes += 1
+    return {"matmulnbits_nodes": nodes, "initializer_bytes": q, "float32_bytes": f, "ratio": q / f if f else None}
 
 
 def session(path: Path, threads: int, level: int | None = None):
@@ -103,36 +107,20 @@ def session(path: Path, threads: int, level: int | None = None):
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-class OrtLoop:
-    """Prefill and greedy decode straight on the session (numpy feeds, presents fed back as past)."""
+def ort_model(graph_dir: Path, threads: int, level: int | None = None):
+    """`OnnxCausalLM` over the graph (KV buffers shared in place for the gqa graph, as users get it); ``level``
+    rewrites every MatMulNBits' accuracy_level in memory first."""
+    from sparsegpt_export.onnx import OnnxCausalLM
 
-    def __init__(self, sess, kv_heads: int, head_dim: int):
-        self.s = sess
-        self.past = [i.name for i in sess.get_inputs() if i.name.startswith("input.past_key_values")]
-        self.outs = [o.name for o in sess.get_outputs()]
-        self.kv, self.hd = kv_heads, head_dim
-
-    def prefill(self, ids: np.ndarray):
-        n = ids.shape[1]
-        feeds = {"input_ids": ids, "attention_mask": np.ones((1, n), np.int64), "position_ids": np.arange(n)[None]}
-        feeds.update({k: np.zeros((1, self.kv, 0, self.hd), np.float32) for k in self.past})
-        return dict(zip(self.outs, self.s.run(self.outs, feeds)))
-
-    def decode(self, out: dict, steps: int, start: int) -> list[int]:
-        tokens = []
-        tok = int(out["logits"][0, -1].argmax())
-        for i in range(steps):
-            tokens.append(tok)
-            n = start + i
-            feeds = {"input_ids": np.array([[tok]], np.int64), "attention_mask": np.ones((1, n + 1), np.int64),
-                     "position_ids": np.array([[n]], np.int64)}
-            feeds.update({k: out["output" + k[len("input"):]] for k in self.past})
-            out = dict(zip(self.outs, self.s.run(self.outs, feeds)))
-            tok = int(out["logits"][0, -1].argmax())
-        return tokens
+    model = OnnxCausalLM.from_pretrained(graph_dir, num_threads=threads)
+    if level is not None:
+        model.session = session(graph_dir / "model.onnx", threads, level)
+    return model
 
 
-class TorchLoop:
+class Loop:
+    """Prefill, then greedy decode one token per forward with the KV cache: torch or `OnnxCausalLM` alike."""
+
     def __init__(self, model):
         self.m = model
 
@@ -167,6 +155,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--ort-fusions", action="store_true",
                     help="export the graphs with --ort-fusions cpu (into <work>/<graph>-fused; results onnx_cpu_fused.*)")
+    ap.add_argument("--onnx-graph", choices=["gqa", "traced"], default="gqa",
+                    help="which graph to export (default gqa; traced: into <work>/<graph>-traced, results onnx_cpu_traced.*)")
     ap.add_argument("--skip-ppl", action="store_true", help="leave out the perplexity section")
     ap.add_argument("--reuse-exports", action="store_true",
                     help="keep the graphs already in --work (made by this script's export commands) instead of re-exporting")
@@ -177,7 +167,8 @@ def main() -> int:
             return 0
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "onnx_cpu_fused" if args.ort_fusions else "onnx_cpu"
+    graph_kind = "traced" if args.ort_fusions else args.onnx_graph
+    stem = "onnx_cpu_fused" if args.ort_fusions else {"gqa": "onnx_cpu", "traced": "onnx_cpu_traced"}[graph_kind]
     log = Log(out_dir / f"{stem}.log")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -203,15 +194,16 @@ def main() -> int:
     graphs = {"onnx-float32": (src["plain"], "none"), "onnx-int4": (src["plain"], "matmulnbits"),
               "onnx-int4-lmhead4": (src["lmhead"], "matmulnbits")}
     fused = ["--ort-fusions", "cpu"] if args.ort_fusions else []
-    suffix = "-fused" if args.ort_fusions else ""
+    suffix = "-fused" if args.ort_fusions else {"gqa": "", "traced": "-traced"}[graph_kind]
     result["ort_fusions"] = "cpu" if args.ort_fusions else None
+    result["onnx_graph"] = graph_kind
     result["export_s"] = {}
     for name, (s, q) in graphs.items():
         if args.reuse_exports and (work / (name + suffix) / "sparsegpt_onnx.json").is_file():
             log(f"reusing {work / (name + suffix)}")
             continue
         result["export_s"][name] = round(sh([py, "-m", "sparsegpt_export", "export", str(s), "--format", "onnx",
-                                             "--onnx-quant", q, *fused, "--out", str(work / (name + suffix)),
+                                             "--onnx-quant", q, "--onnx-graph", graph_kind, *fused, "--out", str(work / (name + suffix)),
                                              "--overwrite"], log), 1)
     work_graph = {name: work / (name + suffix) for name in graphs}
 
@@ -235,17 +227,15 @@ def main() -> int:
     text = WIKI.read_text()
     ids = tok(text[:20000].replace("\r\n", "\n"), return_tensors="np").input_ids[:, : args.prefill].astype(np.int64)
     torch_models = {k: AutoModelForCausalLM.from_pretrained(str(v), dtype=torch.float32).eval() for k, v in src.items()}
-    cfg = torch_models["plain"].config
-    kv, hd = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     result["parity"] = {}
     prompt = ids[:, :64]
     for name, key in (("onnx-int4", "plain"), ("onnx-int4-lmhead4", "lmhead")):
-        tl = TorchLoop(torch_models[key])
+        tl = Loop(torch_models[key])
         want = tl.prefill(ids).logits[0].numpy()
         want_gen = tl.decode(tl.prefill(prompt), 32, prompt.shape[1])
         for level in (0, 1, 4):
-            loop = OrtLoop(session(work_graph[name] / "model.onnx", args.threads, level), kv, hd)
-            got = loop.prefill(ids)["logits"][0]
+            loop = Loop(ort_model(work_graph[name], args.threads, level))
+            got = loop.prefill(ids).logits[0].numpy()
             rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))  # ||diff|| / ||torch||, all logits
             rel_max = float(np.abs(got - want).max() / np.abs(want).max())  # the worst logit, for the record
             gen = loop.decode(loop.prefill(prompt), 32, prompt.shape[1])
@@ -274,8 +264,8 @@ def main() -> int:
             f"({100 * (po['ppl'] / pt['ppl'] - 1):+.3f}%)")
 
     # 5. speed ----------------------------------------------------------------------------------------------------
-    loops = {name: OrtLoop(session(work_graph[name] / "model.onnx", args.threads), kv, hd) for name in graphs}
-    loops["torch-eager"] = TorchLoop(torch_models["plain"])
+    loops = {name: Loop(ort_model(work_graph[name], args.threads)) for name in graphs}
+    loops["torch-eager"] = Loop(torch_models["plain"])
     timings = {name: {"prefill_ms": [], "decode_tok_s": []} for name in loops}
     for rep in range(args.repeats + 1):
         line = []
@@ -301,7 +291,7 @@ def main() -> int:
     # report -------------------------------------------------------------------------------------------------------
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = [f"SmolLM2-135M-Instruct 2:4 + int4 g128 sym, ONNX Runtime {ort.__version__} CPU, {args.threads} threads"
-          f"{', graphs exported with --ort-fusions cpu' if args.ort_fusions else ''}; "
+          f", {graph_kind} graph{' exported with --ort-fusions cpu' if args.ort_fusions else ''}; "
           f"median (min-max) of {args.repeats} runs; prefill {args.prefill} tokens, decode {args.decode} new tokens.", "",
           "| variant | prefill ms | decode tok/s | decode vs float32 ONNX | prefill speedup |", "|---|---|---|---|---|"]
     for name, sp in result["speed"].items():
@@ -313,7 +303,7 @@ def main() -> int:
     for name, s in result["sizes"].items():
         c = s.get("compressed_layers")
         if c:
-            md.append(f"| {name} | {c['initializer_bytes']:,} ({c['layers']} layers) | {c['float32_bytes']:,} | {c['ratio']:.4f} |")
+            md.append(f"| {name} | {c['initializer_bytes']:,} ({c['matmulnbits_nodes']} MatMulNBits) | {c['float32_bytes']:,} | {c['ratio']:.4f} |")
     md += ["", "| parity vs torch | logits rel err ‖Δ‖/‖torch‖ (512 tokens) | worst logit: max\\|Δ\\|/max\\|torch\\| | "
                "greedy 32 tokens identical |", "|---|---|---|---|"]
     for k, v in result["parity"].items():

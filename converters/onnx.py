@@ -294,33 +294,74 @@ def _sample_inputs(model: nn.Module, vocab: int) -> dict[str, Any]:
 
 
 def _build_gqa(model, layers: dict[str, dict], onnx_quant: str, accuracy_level: int, opset: Optional[int]):
-    """The ``gqa`` graph (`converters.onnx_gqa`), its 4-bit layers from ``layers``; returns (model, byte counts)."""
+    """The ``gqa`` graph (`converters.onnx_gqa`), its 4-bit layers from ``layers``; returns (model, byte counts).
+
+    Linear layers that read the same input (q/k/v, gate/up) and are all 4-bit with the same block size and zero
+    point choice, or all float, are packed into one MatMulNBits (rows stacked: codes and scales unchanged) or one
+    MatMul, and split after it: fewer, larger matmuls per decode step."""
+    import onnx_ir as ir
+
     nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
     qdq = onnx_quant == "qdq"
+    written: set[str] = set()
 
-    def linear(g, name: str, x, module):
-        bias = getattr(module, "bias", None)
-        if name in layers:
+    def tensors(name: str):
+        spec = layers[name]
+        return matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
+
+    def linear(g, items: list, x) -> list:
+        names = [n for n, _ in items]
+        biases = [getattr(m, "bias", None) for _, m in items]
+        outputs = [int(m.weight.shape[0]) for _, m in items]
+        quantized = [n in layers for n in names]
+        packed = None
+        if len(items) > 1 and all(quantized) and onnx_quant == "matmulnbits":
+            parts = [tensors(n) for n in names]
+            if all(a == parts[0][1] | {"N": a["N"]} and t.keys() == parts[0][0].keys() for t, a in parts):
+                packed = parts
+        elif len(items) > 1 and not any(quantized):
+            packed = "float"
+        if packed is None and len(items) > 1:
+            return [y for item in items for y in linear(g, [item], x)]
+        label = names[0] if len(items) == 1 else names[0].rsplit(".", 1)[0] + "." + "_".join(
+            n.rsplit(".", 1)[1].removesuffix("_proj") for n in names) + "_proj"
+        if packed == "float" or not quantized[0]:
+            w = np.concatenate([m.weight.detach().float().t().numpy() for _, m in items], axis=1)
+            y = g.op("MatMul", [x, g.initializer(f"{label}.weight_t", np.ascontiguousarray(w))], f"{label}/MatMul")
+        else:
             def init(suffix: str, array):
-                value = g.initializer(f"{name}.{suffix}", array)
+                value = g.initializer(f"{label}.{suffix}", array)
                 nbytes["compressed_initializer_bytes"] += value.const_value.nbytes
                 return value
 
-            nodes, y = quant_linear_nodes(name, x, layers[name], onnx_quant, accuracy_level, init)
+            if packed is None:
+                nodes, y = quant_linear_nodes(label, x, layers[label], onnx_quant, accuracy_level, init)
+            else:
+                t = {k: np.concatenate([p[0][k] for p in packed], axis=0) for k in packed[0][0]}
+                attrs = packed[0][1] | {"N": sum(outputs), "accuracy_level": int(accuracy_level)}
+                inputs = [x, init("qweight", t["B"]), init("scales", t["scales"])]
+                if "zero_points" in t:
+                    inputs.append(init("zero_points", t["zero_points"]))
+                nodes = [ir.node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft",
+                                 name=f"{label}/MatMulNBits")]
+                y = nodes[0].outputs[0]
             for node in nodes:
                 for j, out in enumerate(node.outputs):
                     out.name = f"{node.name}_out{j}"
             g.nodes.extend(nodes)
-            nbytes["compressed_float32_bytes"] += 4 * layers[name]["codes"].numel()
-        else:
-            w = module.weight.detach().float().t().contiguous().numpy()
-            y = g.op("MatMul", [x, g.initializer(f"{name}.weight_t", w)], f"{name}/MatMul")
-        if bias is not None:
-            y = g.op("Add", [y, g.initializer(f"{name}.bias", bias.detach().float().numpy())], f"{name}/Add")
-        return y
+            nbytes["compressed_float32_bytes"] += sum(4 * layers[n]["codes"].numel() for n in names)
+        if any(b is not None for b in biases):
+            b = np.concatenate([(b.detach().float().numpy() if b is not None else np.zeros(o, np.float32))
+                                for b, o in zip(biases, outputs)])
+            y = g.op("Add", [y, g.initializer(f"{label}.bias", b)], f"{label}/Add")
+        written.update(names)
+        if len(items) == 1:
+            return [y]
+        sizes = g.const(f"{label}.split", np.array(outputs, np.int64))
+        return g.op("Split", [y, sizes], f"{label}/Split", num_outputs=len(items), axis=-1)
 
     program = onnx_gqa.build(model, linear, opset=max(opset or 21, 21 if qdq else 17))
-    missing = sorted(set(layers) - {n.name.rsplit("/", 1)[0] for n in program.graph})
+    missing = sorted(set(layers) - written)
     if missing:
         raise OnnxExportError(f"layer {missing[0]}: compressed but not part of the gqa graph ({len(missing)} such layers)")
     return program, nbytes

@@ -9,7 +9,8 @@ traced graph so that `OnnxCausalLM` runs either:
 - ``SimplifiedLayerNormalization`` / ``com.microsoft.SkipSimplifiedLayerNormalization`` for RMSNorm and the
   residual adds;
 - the linear layers as ``com.microsoft.MatMulNBits`` from our codes (or ``DequantizeLinear`` + ``MatMul``, or
-  float ``MatMul``), exactly as in the traced graph;
+  float ``MatMul``), exactly as in the traced graph, except that q/k/v and gate/up, which read the same input, are
+  packed into one matmul each (their rows stacked, codes and scales unchanged) and split after it;
 - ``com.microsoft.RotaryEmbedding`` on the query and key with the model's own cos/sin tables (``position_ids``
   as given, so left-padded batches keep transformers' positions);
 - ``com.microsoft.GroupQueryAttention`` over the past keys and values (no repeated heads), the padding of
@@ -63,8 +64,9 @@ def _rope_tables(model) -> tuple[np.ndarray, np.ndarray]:
 def build(model, linear: Callable, opset: int = 21):
     """The ``gqa`` graph of ``model`` as an ``onnx_ir.Model``.
 
-    ``linear(graph, name, x, module)`` adds the nodes of one linear layer (``name`` its module path, ``x`` its
-    input value) and returns the output value; the caller decides MatMulNBits, QDQ or float per layer.
+    ``linear(graph, [(name, module), ...], x)`` adds the nodes of linear layers that share the input value ``x``
+    (``name`` the module path) and returns their output values; the caller decides MatMulNBits, QDQ or float per
+    layer, and may pack layers of the same kind into one matmul (q/k/v, gate/up) split afterwards.
     """
     import onnx_ir as ir
 
@@ -111,9 +113,8 @@ def build(model, linear: Callable, opset: int = 21):
         p = f"model.layers.{i}"
         attn = layer.self_attn
         h, residual = _norm(g, p + ".input_layernorm", layer.input_layernorm, hidden, residual, eps)
-        q = linear(g, p + ".self_attn.q_proj", h, attn.q_proj)
-        k = linear(g, p + ".self_attn.k_proj", h, attn.k_proj)
-        v = linear(g, p + ".self_attn.v_proj", h, attn.v_proj)
+        q, k, v = linear(g, [(p + ".self_attn.q_proj", attn.q_proj), (p + ".self_attn.k_proj", attn.k_proj),
+                             (p + ".self_attn.v_proj", attn.v_proj)], h)
         q = g.op("RotaryEmbedding", [q, position_ids, cos_cache, sin_cache], p + ".self_attn/rotary_q",
                  domain="com.microsoft", num_heads=heads, interleaved=0)
         k = g.op("RotaryEmbedding", [k, position_ids, cos_cache, sin_cache], p + ".self_attn/rotary_k",
@@ -125,15 +126,14 @@ def build(model, linear: Callable, opset: int = 21):
             num_heads=heads, kv_num_heads=kv_heads, scale=float(getattr(attn, "scaling", head_dim ** -0.5)))
         g.output(present_k, f"output.past_key_values.layers.{i}.keys", f32, ["batch", kv_heads, "total_sequence", head_dim])
         g.output(present_v, f"output.past_key_values.layers.{i}.values", f32, ["batch", kv_heads, "total_sequence", head_dim])
-        hidden = linear(g, p + ".self_attn.o_proj", out, attn.o_proj)
+        (hidden,) = linear(g, [(p + ".self_attn.o_proj", attn.o_proj)], out)
         h, residual = _norm(g, p + ".post_attention_layernorm", layer.post_attention_layernorm, hidden, residual, eps)
         mlp = layer.mlp
-        gate = linear(g, p + ".mlp.gate_proj", h, mlp.gate_proj)
-        up = linear(g, p + ".mlp.up_proj", h, mlp.up_proj)
+        gate, up = linear(g, [(p + ".mlp.gate_proj", mlp.gate_proj), (p + ".mlp.up_proj", mlp.up_proj)], h)
         act = g.op("QuickGelu", [gate], p + ".mlp/silu", domain="com.microsoft", alpha=1.0)
-        hidden = linear(g, p + ".mlp.down_proj", g.op("Mul", [act, up], p + ".mlp/mul"), mlp.down_proj)
+        (hidden,) = linear(g, [(p + ".mlp.down_proj", mlp.down_proj)], g.op("Mul", [act, up], p + ".mlp/mul"))
     h, _ = _norm(g, "model.norm", model.model.norm, hidden, residual, eps)
-    logits = linear(g, "lm_head", h, model.get_output_embeddings())
+    (logits,) = linear(g, [("lm_head", model.get_output_embeddings())], h)
     g.output(logits, "logits", f32, ["batch", "sequence", cfg.vocab_size])
     # the cache outputs were declared layer by layer; logits goes first, as in the traced graph
     g.outputs.insert(0, g.outputs.pop())

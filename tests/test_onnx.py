@@ -23,7 +23,7 @@ def _session_with_level(path, level: int):
     from sparsegpt_export.converters.onnx import set_accuracy_level
 
     proto = onnx.load(str(path))
-    assert set_accuracy_level(proto, level) == 14
+    assert set_accuracy_level(proto, level) == 8  # 2 layers x (q/k/v, o, gate/up, down)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -70,24 +70,31 @@ def test_matmulnbits_graph_is_built_from_our_codes(compressed, exported):
     proto = onnx.load(str(exported / "model.onnx"))
     nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
     records = load_records(tmp / "c")
-    assert len(nodes) == len(records) == 14
+    # the gqa graph packs q/k/v and gate/up: 4 MatMulNBits per layer holding the rows of all 7 layers
+    assert len(records) == 14 and len(nodes) == 8
+    rows_of = lambda n: next(a.i for a in n.attribute if a.name == "N")  # noqa: E731
+    assert sum(rows_of(n) for n in nodes) == sum(r.shape[0] for r in records.values())
     assert len(proto.graph.sparse_initializer) == 0
     assert not any(n.domain == "sparsegpt_export" for n in proto.graph.node)
     inits = {t.name: t for t in proto.graph.initializer}
     # no float copy of a compressed weight is left in the graph
     assert not any(name in inits for name in (f"{k}.weight" for k in records))
-    # unpack one layer's nibbles and scales and compare with the compress output exactly
+    # unpack a single layer's and a packed pair's nibbles and scales and compare with the compress output exactly
+    tensors = load_file(str(tmp / "c" / "model.safetensors"))
+    for label, parts in (("model.layers.1.mlp.down_proj", ["down_proj"]),
+                         ("model.layers.1.mlp.gate_up_proj", ["gate_proj", "up_proj"])):
+        w = torch.cat([tensors[f"model.layers.1.mlp.{p}.weight"] for p in parts])
+        B = onnx.numpy_helper.to_array(inits[f"{label}.qweight"])
+        S = onnx.numpy_helper.to_array(inits[f"{label}.scales"])
+        rows, cols = w.shape
+        codes = np.stack([B & 15, B >> 4], axis=-1).reshape(rows, -1)[:, :cols].astype(np.float32)
+        attrs = {a.name: onnx.helper.get_attribute_value(a)
+                 for a in next(n for n in nodes if n.name.startswith(label)).attribute}
+        assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["K"] == cols and attrs["N"] == rows
+        assert attrs["accuracy_level"] == 0
+        values = (codes - 8) * np.repeat(S.reshape(rows, -1), 32, axis=1)[:, :cols]
+        assert np.array_equal(values.astype(np.float32), w.float().numpy())
     name = "model.layers.1.mlp.down_proj"
-    w = load_file(str(tmp / "c" / "model.safetensors"))[f"{name}.weight"]
-    B = onnx.numpy_helper.to_array(inits[f"{name}.qweight"])
-    S = onnx.numpy_helper.to_array(inits[f"{name}.scales"])
-    rows, cols = w.shape
-    codes = np.stack([B & 15, B >> 4], axis=-1).reshape(rows, -1)[:, :cols].astype(np.float32)
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in next(n for n in nodes if n.name.startswith(name)).attribute}
-    assert attrs["bits"] == 4 and attrs["block_size"] == 32 and attrs["K"] == cols and attrs["N"] == rows
-    assert attrs["accuracy_level"] == 0
-    values = (codes - 8) * np.repeat(S.reshape(rows, -1), 32, axis=1)[:, :cols]
-    assert np.array_equal(values.astype(np.float32), w.float().numpy())
     meta = {p.key: p.value for p in proto.metadata_props}
     assert json.loads(meta["sparsegpt_export.pattern"]) == "2:4"
     assert json.loads(meta["sparsegpt_export.onnx_quant"]) == "matmulnbits"
@@ -272,16 +279,16 @@ def test_benchmark_helpers_measure_the_real_graph(compressed, exported):
 
     if str(ROOT) not in sys.path:
         sys.path.append(str(ROOT))
-    from benchmarks.onnx_cpu import OrtLoop, TorchLoop, compressed_bytes, session
+    from benchmarks.onnx_cpu import Loop, compressed_bytes, ort_model
 
     side = json.loads((exported / "sparsegpt_onnx.json").read_text())
     counted = compressed_bytes(exported / "model.onnx")
-    assert counted["layers"] == 14
+    assert counted["matmulnbits_nodes"] == 8
     assert counted["initializer_bytes"] == side["compressed_initializer_bytes"]
     assert counted["float32_bytes"] == side["compressed_float32_bytes"]
     _, _, ref = compressed
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(7)).numpy()
-    loop, tl = OrtLoop(session(exported / "model.onnx", 1, 0), 2, 16), TorchLoop(ref)
+    loop, tl = Loop(ort_model(exported, 1, 0)), Loop(ref)
     assert loop.decode(loop.prefill(ids), 10, 12) == tl.decode(tl.prefill(ids), 10, 12)
 
 
@@ -320,7 +327,7 @@ def test_gqa_graph_matches_torch(tmp_path, arch):
     proto = onnx.load(str(tmp_path / "gqa" / "model.onnx"))
     ops = [n.op_type for n in proto.graph.node]
     assert ops.count("GroupQueryAttention") == ops.count("RotaryEmbedding") // 2 == 2
-    assert ops.count("MatMulNBits") == 14 and "Expand" in ops and "Transpose" not in ops
+    assert ops.count("MatMulNBits") == 8 and ops.count("Split") == 4 and "Transpose" not in ops
     model = OnnxCausalLM.from_pretrained(tmp_path / "gqa", num_threads=1)
     assert model.export_info["onnx_graph"] == "gqa" and model.share_kv_buffer
     assert [i.name for i in model.session.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]
