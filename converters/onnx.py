@@ -11,8 +11,8 @@ How the graph is made:
    domain ``sparsegpt_export``, which carries the layer's name;
 3. each ``QLinear`` node is replaced by what ``--onnx-quant`` asks for, its tensors built from the integer
    codes and scales of the compress output (checked to reproduce every weight exactly), never re-quantized:
-   - ``matmulnbits``: ``com.microsoft.MatMulNBits`` (bits 4, ``block_size`` = the group size, or a power of two
-     that divides it with the scales repeated; per-channel grids use blocks of 128 with the scale repeated);
+   - ``matmulnbits``: ``com.microsoft.MatMulNBits`` (bits 4, ``block_size`` = the group size, or the largest power
+     of two that divides it and the columns, with the scales repeated; per-channel grids as groups of 128);
      symmetric grids leave out the zero points (MatMulNBits' default is 8, ours too), asymmetric ones store
      them packed. ``accuracy_level`` (default 4: int8 activations on CPU) is written on every node;
    - ``qdq``: the portable opset-21 ``DequantizeLinear`` (INT4 weights [in, out], ``block_size`` = the group
@@ -135,17 +135,21 @@ def _translation_installed():
 
 # ---------------------------------------------------------------------------------------------- tensors from codes
 def _block_size(name: str, group: Optional[int], cols: int) -> int:
-    """MatMulNBits' block: the group size when it is a power of two (>= 16), else its largest power-of-two divisor;
-    128 for per-channel grids. Each block lies inside one group, so repeating the group's scale is exact."""
-    if group is None:
-        return 128
-    bs = group & -group
+    """MatMulNBits' block: the largest power of two (>= 16) that divides the group size (128 for per-channel
+    grids) and, where one >= 16 does, the columns too, so the last block is not padded (SmolLM2's 576 columns
+    with groups of 128 get blocks of 64: 9 full blocks instead of 4.5). Each block lies inside one group, so
+    repeating the group's scale is exact. At ``accuracy_level`` 4 the activations are quantized to int8 per
+    block as well, so the smaller block is also the more accurate one."""
+    bs = (group or 128) & -(group or 128)
     if bs < 16:
         raise OnnxExportError(
             f"layer {name}: group size {group} has no power-of-two divisor >= 16, which MatMulNBits needs as its "
             "block size; export with --onnx-quant qdq or none"
         )
-    return bs
+    fit = bs
+    while fit >= 16 and cols % fit:
+        fit //= 2
+    return fit if fit >= 16 else bs
 
 
 def _pack_nibbles(codes: np.ndarray) -> np.ndarray:

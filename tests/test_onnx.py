@@ -401,3 +401,16 @@ def test_gqa_graph_refuses_other_architectures(tmp_path):
     with pytest.raises(ValueError, match="model type 'gpt2'.*--onnx-graph traced"):
         onnx_export.export(tmp_path / "c", tmp_path / "x", onnx_graph="gqa")
     assert not (tmp_path / "x").exists()
+
+
+def test_matmulnbits_block_size_avoids_padding():
+    """The block is the group's largest power of two that also divides the columns (no padded last block)."""
+    from sparsegpt_export.converters.onnx import OnnxExportError, _block_size
+
+    assert _block_size("l", 128, 576) == 64  # SmolLM2: 9 blocks of 64, not 4.5 of 128
+    assert _block_size("l", 128, 1536) == 128
+    assert _block_size("l", None, 576) == 64  # per-channel grids as groups of 128
+    assert _block_size("l", 96, 576) == 32
+    assert _block_size("l", 48, 100) == 16  # nothing >= 16 divides 100: padded blocks of 16
+    with pytest.raises(OnnxExportError, match="layer l: group size 24"):
+        _block_size("l", 24, 96)
