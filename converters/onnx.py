@@ -1,6 +1,9 @@
 """``onnx``: a generation graph with a KV cache for ONNX Runtime, its 4-bit layers built from our own codes.
 
-How the graph is made:
+Two graphs (``--onnx-graph``): ``gqa``, the decoder written with ONNX Runtime's fused operators by
+`converters.onnx_gqa` (Llama, Mistral, Qwen2; what ``auto`` picks for them), and ``traced``, any architecture
+through transformers' ONNX exporter. The 4-bit layers, metadata and files are the same in both. How the traced
+graph is made:
 
 1. the compress output is loaded in float32 with transformers; every 4-bit layer is swapped for a marker module
    whose forward is the custom op ``sparsegpt_export::qlinear`` (eager: ``F.linear`` on the stored weights);
