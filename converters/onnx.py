@@ -328,7 +328,7 @@ def _build_gqa(model, layers: dict[str, dict], onnx_quant: str, accuracy_level: 
                 packed = parts
         elif len(items) > 1 and not any(quantized):
             packed = "float"
-        if packed is None and len(items) > 1:
+        if packed is None and len(items) > 1:  # mixed kinds or block sizes: one matmul per layer
             return [y for item in items for y in linear(g, [item], x)]
         label = names[0] if len(items) == 1 else names[0].rsplit(".", 1)[0] + "." + "_".join(
             n.rsplit(".", 1)[1].removesuffix("_proj") for n in names) + "_proj"

@@ -154,13 +154,13 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         if "position_ids" in self._inputs:
             feeds["position_ids"] = position_ids.cpu().long().numpy()
         if self.share_kv_buffer:
-            logits, pairs = self._run_shared(feeds, past_key_values, batch, past_len + seq)
+            logits, pairs, buffers = self._run_shared(feeds, past_key_values, batch, past_len + seq)
         else:
-            logits, pairs = self._run(feeds, past_key_values, batch, past_len)
+            (logits, pairs), buffers = self._run(feeds, past_key_values, batch, past_len), None
         cache = None
         if use_cache is not False:
             cache = _cache_of(pairs)
-            cache._sparsegpt_kv = getattr(pairs, "buffers", None)
+            cache._sparsegpt_kv = buffers
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
     def _run(self, feeds: dict, past, batch: int, past_len: int):
@@ -175,9 +175,8 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
                     feeds[f"input.past_key_values.layers.{i}.{kind}"] = np.zeros(
                         (batch, self._kv_heads, 0, self._head_dim), dtype=np.float32)
         outs = dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
-        pairs = _Pairs((torch.from_numpy(outs[f"output.past_key_values.layers.{i}.keys"]),
-                        torch.from_numpy(outs[f"output.past_key_values.layers.{i}.values"]))
-                       for i in range(self.num_layers))
+        pairs = [(torch.from_numpy(outs[f"output.past_key_values.layers.{i}.keys"]),
+                  torch.from_numpy(outs[f"output.past_key_values.layers.{i}.values"])) for i in range(self.num_layers)]
         return torch.from_numpy(outs["logits"]), pairs
 
     def _run_shared(self, feeds: dict, past, batch: int, total: int):
@@ -201,16 +200,9 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
                 binding.bind_ortvalue_output(f"output.past_key_values.layers.{i}.{kind}", value)
         self.session.run_with_iobinding(binding)
         logits = torch.from_numpy(binding.get_outputs()[0].numpy())
-        pairs = _Pairs((bufs.tensors[2 * i][:, :, :total], bufs.tensors[2 * i + 1][:, :, :total])
-                       for i in range(self.num_layers))
-        pairs.buffers = bufs
-        return logits, pairs
-
-
-class _Pairs(list):
-    """(keys, values) per layer, with the shared buffers they live in (if any)."""
-
-    buffers = None
+        pairs = [(bufs.tensors[2 * i][:, :, :total], bufs.tensors[2 * i + 1][:, :, :total])
+                 for i in range(self.num_layers)]
+        return logits, pairs, bufs
 
 
 def _cache_of(pairs) -> Any:
