@@ -70,6 +70,29 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="also quantize the lm_head to --bits (not pruned; a tied one is untied from the embedding)")
     p.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    a = p.add_argument_group("mixed sparsity and the weight update (issue #7)")
+    a.add_argument("--allocation", choices=["uniform", "sensitivity", "owl"], default="uniform",
+                   help="per-matrix sparsity for unstructured pruning; the parameter-weighted average stays --sparsity")
+    a.add_argument("--sensitivity", choices=["hutchinson", "fisher", "proxy"], default="hutchinson",
+                   help="sensitivity score: loss-Hessian trace by Hutchinson probes (default), squared gradients, "
+                        "or trace(H_layer) x ||W||^2 (no backward)")
+    a.add_argument("--probes", type=int, default=32, help="Hutchinson probes / Fisher windows (default 32)")
+    a.add_argument("--alpha", type=float, default=0.1, help="sensitivity allocation: density 1-p +- alpha (default 0.1)")
+    a.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: sparsity spread +- lambda (default 0.08)")
+    a.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, x the block mean (default 5)")
+    a.add_argument("--sensitivity-cache", default=None,
+                   help="JSON file for the scores (default: sparsegpt-sensitivity.json beside --out)")
+    a.add_argument("--dense-fraction", type=float, default=0.0,
+                   help="N:M: keep the most sensitive fraction of the linear layers dense (e.g. 0.1)")
+    a.add_argument("--mix-pattern", default=None, help="N:M: a second pattern for the most sensitive layers (e.g. 4:8)")
+    a.add_argument("--mix-fraction", type=float, default=0.0, help="N:M: fraction of the layers that get --mix-pattern")
+    a.add_argument("--saliency", choices=["obs", "isc"], default="obs",
+                   help="which weights to drop: SparseGPT's w^2/[H^-1]^2 (obs) or Shao et al.'s isc")
+    a.add_argument("--update", choices=["obs", "admm"], default="obs",
+                   help="weight update: SparseGPT's sweep (obs) or least squares on the mask by ADMM")
+    a.add_argument("--refine-steps", type=int, default=20, help="ADMM iterations (default 20)")
+    a.add_argument("--admm-mask", choices=["gradual", "obs"], default="gradual",
+                   help="ADMM: choose the mask gradually during the iterations (default) or keep the sweep's")
     p.add_argument("--dtype", default="auto", help="dtype to load the model in (default: the checkpoint's)")
     p.add_argument("--config", default=None, help="a sparsegpt_config.json to start from (flags given override it)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -79,6 +102,8 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
 
 _CONFIG_KEYS = ("pattern", "sparsity", "bits", "group_size", "sym", "damp", "blocksize", "mask_blocksize",
                 "hessian_dtype", "fit_scales_to_kept", "clip_search", "refit_scales", "quantize_lm_head", "scale_dtype", "targets", "ignore",
+                "allocation", "sensitivity", "probes", "alpha", "owl_lambda", "owl_m", "sensitivity_cache",
+                "dense_fraction", "mix_pattern", "mix_fraction", "saliency", "update", "refine_steps", "admm_mask",
                 "on_incompatible", "dataset", "nsamples", "seqlen", "seed", "calib_batch_size", "device")
 
 
@@ -148,9 +173,22 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the output folder of compress (it holds sparsegpt_report.json)")
+    p.add_argument("--out", default=None, help="PNG file to write (default: DIR/sparsity.png)")
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from .plots import plot_sparsity
+
+    print(f"wrote {plot_sparsity(args.model, args.out)}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "compress": ("prune (and quantize) a causal LM with SparseGPT", add_compress_args, run_compress),
     "eval": ("perplexity with the SparseGPT/GPTQ protocol", add_eval_args, run_eval),
+    "plot-sparsity": ("draw each layer's sparsity and sensitivity score (PNG)", add_plot_args, run_plot),
 }
 
 
@@ -186,7 +224,7 @@ def handle_errors(fn: Callable[[], int]) -> int:
         print("sparsegpt-export: interrupted; nothing was written to --out (rerun with --resume to continue)", file=sys.stderr)
         return 130
     except (ConfigError, CalibrationError, UnsupportedModelError, OutputError, ModelNotFoundError, SolverError,
-            FileNotFoundError, ValueError) as e:
+            FileNotFoundError, ValueError, ImportError) as e:
         print(f"sparsegpt-export: error: {e}", file=sys.stderr)
         return EXIT_USAGE
 

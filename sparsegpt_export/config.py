@@ -49,6 +49,19 @@ class SparseGPTConfig:
     sym: symmetric grid (codes ``0..2^b-1`` around the fixed zero point ``2^(b-1)``) or asymmetric.
     quantize_lm_head: also quantize the output projection to ``bits`` with the same solver (never pruned; its
         calibration inputs are the final norm's outputs). A tied lm_head is untied: the embedding stays float.
+    allocation: per-matrix sparsity for ``unstructured``: ``uniform``, ``sensitivity`` (density linear in the
+        sensitivity rank between ``1-p-alpha`` and ``1-p+alpha``) or ``owl`` (outlier ratio per block, +-
+        ``owl_lambda``, threshold ``owl_m`` x mean); the parameter-weighted average stays ``sparsity``.
+    sensitivity: the score: ``hutchinson`` (loss-Hessian trace, ``probes`` Rademacher probes), ``fisher``
+        (squared gradients over ``probes`` windows) or ``proxy`` (trace of the layer Hessian x ||W||^2, no backward).
+    sensitivity_cache: JSON file for the scores (reused when model, method, probes, seed and data match).
+    dense_fraction: N:M only: the most sensitive fraction of the matrices stays dense (quantized when bits is set).
+    mix_pattern, mix_fraction: N:M only: the most sensitive ``mix_fraction`` of the others get ``mix_pattern``
+        (e.g. ``4:8`` beside ``2:4``).
+    saliency: which weights to drop: ``obs`` (SparseGPT, w^2/[H^-1]^2) or ``isc`` (Shao et al., w^2 ([H] + 1/[H^-1])).
+    update: ``obs`` (SparseGPT's sweep) or ``admm`` (least squares on the mask by ADMM, ``refine_steps``
+        iterations; ``admm_mask``: ``gradual`` chooses the mask during the first 3/4 of them, ``obs`` keeps the
+        sweep's mask). Quantization then runs on the final weights with the mask fixed.
     """
 
     pattern: str = "2:4"
@@ -64,6 +77,20 @@ class SparseGPTConfig:
     clip_search: bool = True
     refit_scales: bool = True
     quantize_lm_head: bool = False
+    allocation: str = "uniform"
+    sensitivity: str = "hutchinson"
+    probes: int = 32
+    alpha: float = 0.1
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    sensitivity_cache: Optional[str] = None
+    dense_fraction: float = 0.0
+    mix_pattern: Optional[str] = None
+    mix_fraction: float = 0.0
+    saliency: str = "obs"
+    update: str = "obs"
+    refine_steps: int = 20
+    admm_mask: str = "gradual"
     scale_dtype: Optional[str] = None
     targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
@@ -124,6 +151,46 @@ class SparseGPTConfig:
                     re.compile(rx)
                 except re.error as e:
                     raise ConfigError(f"{name}: {rx!r} is not a valid regular expression ({e})") from None
+        from .sensitivity import ALLOCATIONS, METHODS
+
+        choices = {"allocation": ALLOCATIONS, "sensitivity": METHODS, "saliency": ("obs", "isc"),
+                   "update": ("obs", "admm"), "admm_mask": ("gradual", "obs")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} must be one of {list(allowed)}")
+        for name in ("probes", "refine_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}: {v!r} must be a positive integer")
+        for name in ("alpha", "owl_lambda"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not (0.0 <= v < 1.0):
+                raise ConfigError(f"{name}: {v!r} must lie in [0, 1)")
+        if not isinstance(self.owl_m, (int, float)) or self.owl_m <= 0:
+            raise ConfigError(f"owl_m: {self.owl_m!r} must be a positive number (default 5)")
+        for name in ("dense_fraction", "mix_fraction"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not (0.0 <= v <= 1.0):
+                raise ConfigError(f"{name}: {v!r} must lie in [0, 1]")
+        nm_pattern = bool(n)
+        if self.allocation != "uniform" and nm_pattern:
+            raise ConfigError(
+                f"allocation: {self.allocation!r} cannot change the sparsity of an N:M layer ({self.pattern}); "
+                "use dense_fraction (keep the most sensitive layers dense) or mix_pattern/mix_fraction instead")
+        if self.allocation != "uniform" and self.pattern == "dense":
+            raise ConfigError(f"allocation: {self.allocation!r} needs a pattern that prunes (not 'dense')")
+        if (self.dense_fraction or self.mix_fraction) and not nm_pattern:
+            raise ConfigError("dense_fraction / mix_fraction: only for an N:M pattern (e.g. 2:4); for unstructured "
+                              "sparsity use allocation")
+        if self.mix_pattern is not None:
+            mn, mm = parse_pattern(self.mix_pattern)
+            if not mn:
+                raise ConfigError(f"mix_pattern: {self.mix_pattern!r} must be an N:M pattern such as '4:8'")
+            self.mix_pattern = f"{mn}:{mm}"
+        if self.mix_fraction and self.mix_pattern is None:
+            raise ConfigError("mix_fraction: set mix_pattern too (e.g. '4:8')")
+        if self.update == "admm" and self.pattern == "dense":
+            raise ConfigError("update: 'admm' solves the weights on a pruning mask; pattern 'dense' prunes nothing")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed: {self.seed!r} must be an integer")
 

@@ -27,9 +27,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .config import ConfigError, SparseGPTConfig
+from .config import ConfigError, SparseGPTConfig, parse_pattern
 from .quant import QuantSpec
-from .solver import HessianAccumulator, SolveResult, SolverError, sparsegpt_solve
+from .solver import HessianAccumulator, SolveResult, SolverError, admm_prune, layer_error, sparsegpt_solve
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +262,12 @@ def compress_model(
     checkpoint_dir: Optional[str | os.PathLike] = None,
     resume: bool = False,
     model_name: str = "",
+    sensitivity_cache: Optional[str | os.PathLike] = None,
 ) -> CompressionResult:
-    """Compress ``model`` in place with SparseGPT on the calibration windows ``calib`` [nsamples, seqlen]."""
+    """Compress ``model`` in place with SparseGPT on the calibration windows ``calib`` [nsamples, seqlen].
+
+    ``sensitivity_cache`` (or ``config.sensitivity_cache``): where the sensitivity scores are kept between runs.
+    """
     t_start = time.perf_counter()
     device = resolve_device(config.device)
     path, blocks = find_blocks(model)
@@ -291,6 +295,10 @@ def compress_model(
     ).hexdigest()[:16]
 
     t = time.perf_counter()
+    plan = plan_layers(model, path, blocks, calib, config, progress=progress, model_name=model_name,
+                       cache=config.sensitivity_cache or sensitivity_cache)
+    prof["plan_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     chunks = capture_block_inputs(model, blocks, calib, batch, device)
     prof["capture_s"] = time.perf_counter() - t
     start_block = 0
@@ -305,22 +313,42 @@ def compress_model(
         W = get_weight(module)
         rows_, cols = W.shape
         t0 = time.perf_counter()
-        prune = prune and config.prunes
-        if prune and n and cols % m:
-            msg = f"layer {lname}: {cols} input columns are not a multiple of M={m}; left dense"
+        pattern = plan["pattern"].get(lname, config.pattern)
+        prune = prune and config.prunes and pattern != "dense"
+        ln, lm = parse_pattern(pattern) if prune else (0, 0)
+        sparsity = plan["sparsity"].get(lname, config.sparsity) if prune else 0.0
+        if prune and ln and cols % lm:
+            msg = f"layer {lname}: {cols} input columns are not a multiple of M={lm}; left dense"
             if config.on_incompatible == "error":
-                raise SolverError(f"layer {lname}: {cols} input columns are not a multiple of M={m} for the {config.pattern} pattern")
+                raise SolverError(f"layer {lname}: {cols} input columns are not a multiple of M={lm} for the {pattern} pattern")
             warnings.warn(msg)
             rows.append({"layer": lname, "pattern": "skipped", "warning": msg, "shape": [rows_, cols]})
             return
-        res: SolveResult = sparsegpt_solve(
-            W.to(device), H, sparsity=config.sparsity if prune else 0.0, n=n if prune else 0, m=m if prune else 0,
-            quant=quant,
-            blocksize=config.blocksize, mask_blocksize=config.mask_blocksize, damp=config.damp,
-            fit_scales_to_kept=config.fit_scales_to_kept, refit_scales=config.refit_scales, name=lname,
-        )
+        common = dict(quant=quant, blocksize=config.blocksize, mask_blocksize=config.mask_blocksize, damp=config.damp,
+                      fit_scales_to_kept=config.fit_scales_to_kept, refit_scales=config.refit_scales, name=lname)
+        extra: dict[str, Any] = {}
+        Wd = W.to(device)
+        if prune and config.update == "admm":
+            # the SparseGPT sweep (unquantized) is the reference, and the fixed mask when admm_mask is "obs"
+            obs = sparsegpt_solve(Wd, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency,
+                                  **{**common, "quant": None, "refit_scales": False})
+            steps = config.refine_steps
+            Wa, mask = admm_prune(Wd, H, sparsity=sparsity, n=ln, m=lm, iters=steps,
+                                  mask_steps=max(1, (3 * steps) // 4), name=lname,
+                                  mask=obs.mask if config.admm_mask == "obs" else None)
+            admm_err = layer_error(Wa, Wd.float(), H)
+            extra = {"obs_rel_error": obs.rel_error, "admm_rel_error": admm_err,
+                     "admm_error_reduction": (1.0 - admm_err / obs.rel_error) if obs.rel_error > 0 else 0.0}
+            if quant is not None:
+                res = sparsegpt_solve(Wa, H, mask=mask, **common)
+                res.rel_error = layer_error(res.weight, Wd.float(), H)
+            else:
+                res = SolveResult(weight=Wa, mask=mask, damp=obs.damp, damp_escalations=obs.damp_escalations,
+                                  rel_error=admm_err, dead_inputs=obs.dead_inputs)
+        else:
+            res = sparsegpt_solve(Wd, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency, **common)
         set_weight(module, res.weight)
-        pattern = config.pattern if prune else "dense"
+        pattern = pattern if prune else "dense"
         achieved = res.mask.float().mean().item()
         records[lname] = LayerRecord(
             name=lname, shape=(rows_, cols), pattern=pattern, sparsity=achieved, bits=config.bits,
@@ -329,11 +357,15 @@ def compress_model(
             scales=res.scales.to(scale_dtype).cpu() if res.scales is not None else None,
             zeros=res.zeros.to(torch.uint8).cpu() if (res.zeros is not None and not config.sym) else None,
         )
+        if lname in plan["scores"]:
+            extra["score"] = plan["scores"][lname]
+        if lname in plan["sparsity"]:
+            extra["allocated_sparsity"] = round(plan["sparsity"][lname], 6)
         rows.append({
             "layer": lname, "shape": [rows_, cols], "pattern": pattern, "sparsity": round(achieved, 6),
             "bits": config.bits, "group_size": config.group_size if quant else None,
             "rel_error": res.rel_error, "damp": res.damp, "damp_escalations": res.damp_escalations,
-            "dead_inputs": res.dead_inputs, "time_s": round(time.perf_counter() - t0, 4),
+            "dead_inputs": res.dead_inputs, "time_s": round(time.perf_counter() - t0, 4), **extra,
         })
         if res.damp_escalations:
             logger.warning("layer %s: Cholesky failed, damping raised to %g", lname, res.damp)
@@ -378,8 +410,9 @@ def compress_model(
         model.train(was_training)
 
     pruned = [r for r in rows if r.get("pattern") not in ("skipped",)]
-    # the sparsity is the pruned layers' (a quantized-only lm_head does not dilute it)
-    sparse_rows = [r for r in pruned if r["pattern"] != "dense" or not config.prunes]
+    # the sparsity is the pruned layers' (a quantized-only lm_head does not dilute it; layers kept dense by
+    # dense_fraction do count, with sparsity 0)
+    sparse_rows = [r for r in pruned if r["pattern"] != "dense" or not config.prunes or r["layer"] in plan["pattern"]]
     total_w = sum(r["shape"][0] * r["shape"][1] for r in sparse_rows)
     report = {
         "model": model_name,
@@ -400,9 +433,81 @@ def compress_model(
             "wall_s": round(time.perf_counter() - t_start, 3),
         },
         "profile": {k: round(v, 3) for k, v in prof.items()},
-        "warnings": [r["warning"] for r in rows if "warning" in r],
+        "warnings": [r["warning"] for r in rows if "warning" in r] + plan["notes"],
     }
+    if plan["method"]:
+        report["allocation"] = {k: plan.get(k) for k in ("method", "sensitivity", "cache", "notes", "dense", "mixed")}
+    if config.update == "admm":
+        done = [r for r in rows if "admm_rel_error" in r]
+        report["summary"]["admm_error_reduction_mean"] = (
+            sum(r["admm_error_reduction"] for r in done) / len(done)) if done else 0.0
     return CompressionResult(records=records, report=report, config=config)
+
+
+def selected_layers(path: str, blocks: nn.ModuleList, config: SparseGPTConfig) -> dict[str, nn.Module]:
+    """Every linear layer the run compresses, by its full name, in block order."""
+    return {f"{path}.{bi}.{k}": v for bi, block in enumerate(blocks) for k, v in block_linears(block).items()
+            if _selected(f"{path}.{bi}.{k}", config)}
+
+
+def plan_layers(model: nn.Module, path: str, blocks: nn.ModuleList, calib: torch.Tensor, config: SparseGPTConfig, *,
+                progress: bool = False, model_name: str = "", cache: Optional[str | os.PathLike] = None) -> dict:
+    """Per-layer sparsity and pattern when the config asks for more than one for all (``allocation``,
+    ``dense_fraction``, ``mix_pattern``), from the sensitivity scores or OWL's outlier ratios of the dense model.
+    Runs on the device the model is loaded on. Returns ``{"sparsity", "pattern", "scores", "notes", ...}``."""
+    from . import sensitivity as sens
+
+    plan: dict[str, Any] = {"sparsity": {}, "pattern": {}, "scores": {}, "notes": [], "method": None,
+                            "sensitivity": None, "dense": [], "mixed": []}
+    nm = config.nm[0] > 0
+    if config.allocation == "uniform" and not config.dense_fraction and not config.mix_fraction:
+        return plan
+    layers = selected_layers(path, blocks, config)
+    names = list(layers)
+    numel = {k: get_weight(v).numel() for k, v in layers.items()}
+    plan["method"] = config.allocation if not nm else "nm-choice"
+    stats = None
+    if config.allocation == "owl" or (config.sensitivity == "proxy" and config.allocation != "owl"):
+        stats = sens.input_statistics(model, names, calib, progress=progress)
+    if config.allocation == "owl":
+        by_block: dict[str, list[str]] = {}
+        for k in names:
+            by_block.setdefault(sens.block_of(k, path), []).append(k)
+        outliers = {b: sens.outlier_ratio([get_weight(layers[k]) for k in ks], [stats[k] for k in ks], config.owl_m)
+                    for b, ks in by_block.items()}
+        plan["scores"] = {k: outliers[sens.block_of(k, path)] for k in names}
+        plan["sparsity"], notes = sens.allocate("owl", config.sparsity, numel, blocks={k: sens.block_of(k, path) for k in names},
+                                                outliers=outliers, owl_lambda=config.owl_lambda)
+        plan["notes"] += notes
+        return plan
+
+    def compute():
+        return sens.estimate(model, names, calib, method=config.sensitivity, probes=config.probes, seed=config.seed,
+                             progress=progress, stats=stats)
+
+    plan["sensitivity"] = config.sensitivity
+    if cache:
+        scores, note = sens.cached_scores(Path(cache), sens.model_signature(model, names, model_name), config.sensitivity,
+                                          config.probes, config.seed, _hash_tensor(calib), compute)
+        plan["cache"] = note
+        if "recomputed" in note:
+            plan["notes"].append(note)
+            logger.warning("%s", note)
+        else:
+            logger.info("%s", note)
+    else:
+        scores = compute()
+    plan["scores"] = scores
+    if not nm:
+        plan["sparsity"], notes = sens.allocate("sensitivity", config.sparsity, numel, scores=scores, alpha=config.alpha)
+        plan["notes"] += notes
+        return plan
+    dense = sens.nm_choice(scores, config.dense_fraction) if config.dense_fraction else []
+    rest = {k: v for k, v in scores.items() if k not in dense}
+    mixed = sens.nm_choice(rest, config.mix_fraction) if config.mix_fraction else []
+    plan["dense"], plan["mixed"] = dense, mixed
+    plan["pattern"] = {k: "dense" if k in dense else (config.mix_pattern if k in mixed else config.pattern) for k in names}
+    return plan
 
 
 def _one_pass(block, chunk, todo, solve, hdtype, prof, hooks_time, bar) -> torch.Tensor:

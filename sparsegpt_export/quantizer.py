@@ -28,6 +28,9 @@ except Exception:  # pragma: no cover
     _Base = object
 
 
+SENSITIVITY_CACHE = "sparsegpt-sensitivity.json"
+
+
 class SparseGPTQuantizer(_Base):
     def __init__(self, config: Optional[SparseGPTConfig] = None, *, dataset: DatasetSpec | None = None, **kwargs: Any):
         if config is not None and kwargs:
@@ -74,12 +77,16 @@ class SparseGPTQuantizer(_Base):
         return get_calibration_data(self.dataset, tokenizer, self.config.nsamples, self.config.seqlen, self.config.seed)
 
     def quantize_model(self, model: Any, tokenizer: Any = None, *, progress: bool = True,
-                       checkpoint_dir: Optional[str | os.PathLike] = None, resume: bool = False) -> Any:
-        """Compress ``model`` in place; returns it. The per-layer report is ``self.report``."""
+                       checkpoint_dir: Optional[str | os.PathLike] = None, resume: bool = False,
+                       sensitivity_cache: Optional[str | os.PathLike] = None) -> Any:
+        """Compress ``model`` in place; returns it. The per-layer report is ``self.report``.
+
+        ``sensitivity_cache``: a JSON file keeping the sensitivity scores between runs (``config.sensitivity_cache``
+        wins when set)."""
         calib = self.get_calibration_dataset(tokenizer)
         name = self.model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         self.result = compress_model(model, calib, self.config, progress=progress, checkpoint_dir=checkpoint_dir,
-                                     resume=resume, model_name=str(name))
+                                     resume=resume, model_name=str(name), sensitivity_cache=sensitivity_cache)
         self.model, self.tokenizer = model, tokenizer if tokenizer is not None else self.tokenizer
         return model
 
@@ -92,13 +99,16 @@ class SparseGPTQuantizer(_Base):
                  progress: bool = True, resume: bool = False, **kwargs: Any) -> Path:
         """Compress the model loaded by ``from_pretrained`` and write it to ``save_dir`` (atomically).
 
-        A checkpoint is kept beside ``save_dir`` after every block; ``resume=True`` continues from it.
+        A checkpoint is kept beside ``save_dir`` after every block; ``resume=True`` continues from it. Sensitivity
+        scores (``allocation="sensitivity"``, ``dense_fraction``, ``mix_fraction``) are cached beside it too, in
+        ``sparsegpt-sensitivity.json``, so that a run at another sparsity reuses them.
         """
         if self.model is None:
             raise RuntimeError("quantize: no model; use SparseGPTQuantizer.from_pretrained(...) or quantize_model()")
         out = check_writable(save_dir, overwrite=overwrite)
         ckpt = out.absolute().parent / f".{out.name}.sparsegpt-checkpoint"
-        self.quantize_model(self.model, self.tokenizer, progress=progress, checkpoint_dir=ckpt, resume=resume)
+        self.quantize_model(self.model, self.tokenizer, progress=progress, checkpoint_dir=ckpt, resume=resume,
+                            sensitivity_cache=out.absolute().parent / SENSITIVITY_CACHE)
         path = self.save(self.model, out, overwrite=overwrite)
         import shutil
 

@@ -24,6 +24,9 @@ import torch
 from .quant import QuantSpec, codes_of, fit_params, quantize
 
 
+SALIENCIES = ("obs", "isc")
+
+
 class SolverError(RuntimeError):
     """A layer could not be solved; the message names the layer."""
 
@@ -155,17 +158,24 @@ def sparsegpt_solve(
     damp: float = 0.01,
     fit_scales_to_kept: bool = True,
     refit_scales: bool = True,
+    saliency: str = "obs",
+    mask: Optional[torch.Tensor] = None,
     name: str = "",
 ) -> SolveResult:
     """Prune (N:M when ``n`` and ``m`` are set, else unstructured at ``sparsity``) and optionally quantize ``W``.
 
-    ``H`` is the layer Hessian (``HessianAccumulator.H``); it is not modified.
+    ``H`` is the layer Hessian (``HessianAccumulator.H``); it is not modified. ``saliency`` ranks the weights to
+    drop: ``"obs"`` is SparseGPT's ``w^2 / [H^-1]_jj^2``, ``"isc"`` Shao et al.'s ``w^2 ([H]_jj + 1/[H^-1]_jj)``
+    (``[H^-1]_jj`` the running OBS diagonal, ``U_jj^2``). ``mask`` (True = pruned) fixes the mask instead of
+    choosing it: the sweep then only quantizes the kept weights and spreads the errors (used after ADMM).
     """
+    if saliency not in SALIENCIES:
+        raise SolverError(f"layer {name}: saliency {saliency!r} is not one of {SALIENCIES}")
     t0 = time.perf_counter()
     rows, cols = W.shape
     hdtype = H.dtype
     W0 = W.detach().to(torch.float32)
-    prune = n > 0 or sparsity > 0
+    prune = n > 0 or sparsity > 0 or mask is not None
     if not prune and quant is None:
         return SolveResult(weight=W0.clone(), mask=torch.zeros_like(W0, dtype=torch.bool), seconds=time.perf_counter() - t0)
     if n and cols % m:
@@ -178,6 +188,19 @@ def sparsegpt_solve(
     Wf[:, dead] = 0.0
     U, used_damp, escalations = _inverse_cholesky(H, damp, name)
     H[dead, dead] = 0.0
+    # ISC's [H]_jj term, on the damped diagonal the OBS factor was computed from
+    hdiag = torch.diag(H) + used_damp * torch.mean(torch.diag(H)) if saliency == "isc" else None
+    fixed = mask.to(W.device, torch.bool) if mask is not None else None
+    if fixed is not None:
+        if fixed.shape != W.shape:
+            raise SolverError(f"layer {name}: mask of shape {tuple(fixed.shape)} for a weight of {tuple(W.shape)}")
+        Wf[fixed] = 0.0
+
+    def cost(w: torch.Tensor, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
+        """Saliency of the columns lo:hi of the current block (``d`` their U diagonal)."""
+        if hdiag is None:
+            return w / d.reshape(1, -1) ** 2
+        return w * (hdiag[i1 + lo:i1 + hi].reshape(1, -1) + 1.0 / d.reshape(1, -1) ** 2)
 
     g = quant.group_size if quant is not None else None
     if g and g < cols:
@@ -190,8 +213,10 @@ def sparsegpt_solve(
     if quant is not None and not g:
         # per channel: one grid per row, fitted on the whole row up front (as GPTQ does)
         keep0 = None
-        if prune and fit_scales_to_kept:
-            keep0 = ~_provisional_mask(Wf, U, sparsity, n, m)
+        if fixed is not None:
+            keep0 = ~fixed
+        elif prune and fit_scales_to_kept:
+            keep0 = ~_provisional_mask(Wf, U, sparsity, n, m, hdiag)
         s, z = fit_params(Wf.float(), quant, keep0, _obs_weight(U))
         scales[:, 0:1], zeros[:, 0:1] = s, z
 
@@ -209,28 +234,32 @@ def sparsegpt_solve(
         scale_c = zero_c = None
         for i in range(count):
             col = i1 + i
-            if prune and not n and i % mask_blocksize == 0:
+            if fixed is not None:
+                if i == 0:
+                    mask1 = fixed[:, i1:i2].clone()
+            elif prune and not n and i % mask_blocksize == 0:
                 j2 = min(i + mask_blocksize, count)
-                tmp = W1[:, i:j2] ** 2 / (d1[i:j2].reshape(1, -1) ** 2)
+                tmp = cost(W1[:, i:j2] ** 2, i, j2, d1[i:j2])
                 k = round(sparsity * rows * (col + j2 - i)) - round(sparsity * rows * col)
                 mask1[:, i:j2] = _choose_unstructured(tmp, k)
             if quant is not None and g and col % g == 0:
                 ge = min(i + g, count)
                 keep = None
-                if prune and fit_scales_to_kept:
-                    keep = ~mask1[:, i:ge] if not n else ~_choose_nm(
-                        W1[:, i:ge] ** 2 / (d1[i:ge].reshape(1, -1) ** 2), n, m)
+                if fixed is not None:
+                    keep = ~mask1[:, i:ge]
+                elif prune and fit_scales_to_kept:
+                    keep = ~mask1[:, i:ge] if not n else ~_choose_nm(cost(W1[:, i:ge] ** 2, i, ge, d1[i:ge]), n, m)
                 s, z = fit_params(W1[:, i:ge].float(), quant, keep, 1.0 / d1[i:ge].float() ** 2)
                 scales[:, col // g:col // g + 1], zeros[:, col // g:col // g + 1] = s, z
             if quant is not None:
                 gi = col // g if g else 0
                 scale_c = scales[:, gi].to(hdtype).reshape(-1, 1)
                 zero_c = zeros[:, gi].to(hdtype).reshape(-1, 1)
-            if n and i % m == 0:
+            if n and fixed is None and i % m == 0:
                 wm = W1[:, i:i + m]
                 # OBS cost of dropping a weight, less what keeping it would cost anyway (its quantization error)
                 gain = wm**2 if quant is None else wm**2 - (wm - quantize(wm, scale_c, zero_c, maxq)) ** 2
-                mask1[:, i:i + m] = _choose_nm(gain / (d1[i:i + m].reshape(1, -1) ** 2), n, m)
+                mask1[:, i:i + m] = _choose_nm(cost(gain, i, i + m, d1[i:i + m]), n, m)
             w = W1[:, i]
             if quant is not None:
                 q = quantize(w, scale_c[:, 0], zero_c[:, 0], maxq)
@@ -314,12 +343,88 @@ def _refit_scales(Wq, W0, H, scales, spec: QuantSpec):
     return C * scales[:, idx], scales, err, wHw.sum().item()
 
 
-def _provisional_mask(Wf, U, sparsity, n, m):
+def _provisional_mask(Wf, U, sparsity, n, m, hdiag=None):
     """The mask the saliency would choose now on the whole matrix, for fitting a per-row grid up front."""
-    tmp = Wf**2 / torch.diag(U).reshape(1, -1) ** 2
+    d2 = torch.diag(U).reshape(1, -1) ** 2
+    tmp = Wf**2 / d2 if hdiag is None else Wf**2 * (hdiag.reshape(1, -1) + 1.0 / d2)
     if n:
         return _choose_nm(tmp, n, m)
     return _choose_unstructured(tmp, round(sparsity * tmp.numel()))
+
+
+def layer_error(Wq: torch.Tensor, W0: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr((Wq - W0) H (Wq - W0)^T) / tr(W0 H W0^T)``: the layer's relative output error on the calibration inputs."""
+    delta, Wd = (Wq - W0).to(H.dtype), W0.to(H.dtype)
+    den = (Wd.matmul(H) * Wd).sum().item()
+    return (delta.matmul(H) * delta).sum().item() / den if den > 0 else 0.0
+
+
+def admm_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    sparsity: float = 0.5,
+    n: int = 0,
+    m: int = 0,
+    iters: int = 20,
+    mask_steps: int = 15,
+    mask: Optional[torch.Tensor] = None,
+    damp: float = 0.1,
+    rho: float = 1.0,
+    name: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares on a sparsity mask by ADMM (Boza 2024): ``min (W' - W) H (W' - W)^T`` with W' zero on the mask.
+
+    With ``mask`` (True = pruned) given, the mask stays fixed. Otherwise it is chosen gradually: over the first
+    ``mask_steps`` of the ``iters`` iterations the sparsity grows cubically to its target, each step pruning the
+    smallest ``|W + U|`` (N:M: among the weights the N:M rule would drop, so the last step is exactly N:M). The
+    problem is solved in coordinates scaled by ``sqrt(diag H)`` (there ``|W|`` is the Wanda score), with
+    ``damp * mean(diag)`` added to the Hessian and one ``(H + rho I)^-1`` for all iterations.
+    Returns ``(weight [rows, cols] float32 with exact zeros on the mask, mask)``.
+    """
+    rows, cols = W.shape
+    if n and cols % m:
+        raise SolverError(f"layer {name}: {cols} input columns are not a multiple of M={m} for the {n}:{m} pattern")
+    if mask is None and mask_steps < 1:
+        raise SolverError(f"layer {name}: ADMM needs a mask or mask_steps >= 1")
+    dt = torch.float64 if H.dtype == torch.float64 else torch.float32
+    Hd = H.to(dt)
+    diag = torch.diag(Hd)
+    dead = diag <= 0
+    norm = torch.where(dead, torch.ones_like(diag), diag.clamp(min=0).sqrt())
+    Hn = Hd / norm[:, None] / norm[None, :]
+    Hn[dead, :] = 0.0
+    Hn[:, dead] = 0.0
+    idx = torch.arange(cols, device=H.device)
+    Hn[idx, idx] = torch.where(dead, torch.ones_like(diag), torch.diag(Hn)) + damp * torch.diag(Hn).mean()
+    Wn = W.detach().to(dt) * norm[None, :]
+    Wn[:, dead] = 0.0
+    target = Wn.matmul(Hn)
+    A = Hn.clone()
+    A[idx, idx] += rho
+    L, info = torch.linalg.cholesky_ex(A)
+    if info.item():
+        raise SolverError(f"layer {name}: ADMM system is not positive definite")
+    Ainv = torch.cholesky_inverse(L)
+    keep = None if mask is None else ~mask.to(W.device, torch.bool)
+    full = (1.0 - n / m) if n else sparsity
+    X, U = Wn.clone(), torch.zeros_like(Wn)
+    for t in range(iters):
+        if mask is None and t < mask_steps:
+            cur = full * (1.0 - (1.0 - (t + 1) / mask_steps) ** 3)
+            score = (X + U).abs()
+            k = round(cur * score.numel())
+            if n:
+                cand = _choose_nm(score, n, m)
+                score = score.masked_fill(~cand, float("inf"))
+            keep = ~_choose_unstructured(score, k)
+        Z = (X + U) * keep
+        U = U + X - Z
+        X = (target + rho * (Z - U)).matmul(Ainv)
+    Z = (X + U) * keep
+    out = (Z / norm[None, :]).to(torch.float32)
+    out[:, dead] = 0.0
+    return out, ~keep
 
 
 def magnitude_prune(W: torch.Tensor, *, sparsity: float = 0.5, n: int = 0, m: int = 0) -> torch.Tensor:
