@@ -37,18 +37,18 @@ def _unstructured(p: float, *extra: str) -> list[str]:
 
 
 SENS = ["--allocation", "sensitivity", "--sensitivity", "hutchinson"]
-ROWS: dict[str, list[str] | None] = {
+ROWS: dict[str, list[str] | None] = {  # in the order of the bars they decide
     "dense": None,
     "2:4 obs": ["--pattern", "2:4", *NONE],
     "2:4 admm": ["--pattern", "2:4", *NONE, "--update", "admm"],
     "70% uniform": _unstructured(0.7),
     "70% sensitivity obs": _unstructured(0.7, *SENS),
-    "70% sensitivity isc": _unstructured(0.7, *SENS, "--saliency", "isc"),
-    "70% owl": _unstructured(0.7, "--allocation", "owl"),
     "2:4+w4g128 admm": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym", "--update", "admm"],
-    "2:4 dense-fraction 0.1": ["--pattern", "2:4", *NONE, *SENS[2:], "--dense-fraction", "0.1"],
     "50% uniform": _unstructured(0.5),
     "50% sensitivity obs": _unstructured(0.5, *SENS),
+    "70% sensitivity isc": _unstructured(0.7, *SENS, "--saliency", "isc"),
+    "70% owl": _unstructured(0.7, "--allocation", "owl"),
+    "2:4 dense-fraction 0.1": ["--pattern", "2:4", *NONE, *SENS[2:], "--dense-fraction", "0.1"],
     "50% sensitivity isc": _unstructured(0.5, *SENS, "--saliency", "isc"),
     "50% owl": _unstructured(0.5, "--allocation", "owl"),
     "60% uniform": _unstructured(0.6),

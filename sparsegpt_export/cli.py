@@ -90,7 +90,7 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="which weights to drop: SparseGPT's w^2/[H^-1]^2 (obs) or Shao et al.'s isc")
     a.add_argument("--update", choices=["obs", "admm"], default="obs",
                    help="weight update: SparseGPT's sweep (obs) or least squares on the mask by ADMM")
-    a.add_argument("--refine-steps", type=int, default=20, help="ADMM iterations (default 20)")
+    a.add_argument("--refine-steps", type=int, default=40, help="ADMM iterations (default 40)")
     a.add_argument("--admm-mask", choices=["gradual", "obs"], default="gradual",
                    help="ADMM: choose the mask gradually during the iterations (default) or keep the sweep's")
     p.add_argument("--dtype", default="auto", help="dtype to load the model in (default: the checkpoint's)")

@@ -89,7 +89,7 @@ class SparseGPTConfig:
     mix_fraction: float = 0.0
     saliency: str = "obs"
     update: str = "obs"
-    refine_steps: int = 20
+    refine_steps: int = 40
     admm_mask: str = "gradual"
     scale_dtype: Optional[str] = None
     targets: list[str] = field(default_factory=list)

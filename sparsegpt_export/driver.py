@@ -333,7 +333,7 @@ def compress_model(
             obs = sparsegpt_solve(Wd, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency,
                                   **{**common, "quant": None, "refit_scales": False})
             steps = config.refine_steps
-            Wa, mask = admm_prune(Wd, H, sparsity=sparsity, n=ln, m=lm, iters=steps,
+            Wa, mask = admm_prune(Wd, H, sparsity=sparsity, n=ln, m=lm, iters=steps, damp=config.damp,
                                   mask_steps=max(1, (3 * steps) // 4), name=lname,
                                   mask=obs.mask if config.admm_mask == "obs" else None)
             admm_err = layer_error(Wa, Wd.float(), H)

@@ -11,6 +11,9 @@ Torch only: this module knows nothing of transformers or of file formats.
         w^2 / U_jj^2
         q_j = 0 where dropped, else the quantized w_j (group grid fitted to the weights that survive)
         err = (w_j - q_j) / U_jj;  W[:, j:] -= err * U[j, j:]     (OBS update, lazily per block)
+
+Beside it: ``saliency="isc"`` (Shao et al.'s w^2 ([H]_jj + 1/[H^-1]_jj) for the choice), a fixed ``mask`` for the
+sweep, and ``admm_prune``: least squares on a mask by ADMM (Boza, 2024), the mask fixed or chosen gradually.
 """
 from __future__ import annotations
 
@@ -366,10 +369,10 @@ def admm_prune(
     sparsity: float = 0.5,
     n: int = 0,
     m: int = 0,
-    iters: int = 20,
-    mask_steps: int = 15,
+    iters: int = 40,
+    mask_steps: int = 30,
     mask: Optional[torch.Tensor] = None,
-    damp: float = 0.1,
+    damp: float = 0.01,
     rho: float = 1.0,
     name: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,8 +380,8 @@ def admm_prune(
 
     With ``mask`` (True = pruned) given, the mask stays fixed. Otherwise it is chosen gradually: over the first
     ``mask_steps`` of the ``iters`` iterations the sparsity grows cubically to its target, each step pruning the
-    smallest ``|W + U|`` (N:M: among the weights the N:M rule would drop, so the last step is exactly N:M). The
-    problem is solved in coordinates scaled by ``sqrt(diag H)`` (there ``|W|`` is the Wanda score), with
+    weights of smallest OBS saliency ``|W + U| / sqrt([H^-1]_jj)`` (N:M: among the weights the N:M rule would drop,
+    so the last step is exactly N:M). The problem is solved in coordinates scaled by ``sqrt(diag H)``, with
     ``damp * mean(diag)`` added to the Hessian and one ``(H + rho I)^-1`` for all iterations.
     Returns ``(weight [rows, cols] float32 with exact zeros on the mask, mask)``.
     """
@@ -400,19 +403,25 @@ def admm_prune(
     Wn = W.detach().to(dt) * norm[None, :]
     Wn[:, dead] = 0.0
     target = Wn.matmul(Hn)
+
+    def inverse(A: torch.Tensor) -> torch.Tensor:
+        L, info = torch.linalg.cholesky_ex(A)
+        if info.item():
+            raise SolverError(f"layer {name}: ADMM system is not positive definite")
+        return torch.cholesky_inverse(L)
+
     A = Hn.clone()
     A[idx, idx] += rho
-    L, info = torch.linalg.cholesky_ex(A)
-    if info.item():
-        raise SolverError(f"layer {name}: ADMM system is not positive definite")
-    Ainv = torch.cholesky_inverse(L)
+    Ainv = inverse(A)
+    # OBS saliency in the scaled coordinates: |w| / sqrt([H^-1]_jj)
+    obs_scale = torch.diag(inverse(Hn)).clamp(min=1e-30).rsqrt()[None, :] if mask is None else None
     keep = None if mask is None else ~mask.to(W.device, torch.bool)
     full = (1.0 - n / m) if n else sparsity
     X, U = Wn.clone(), torch.zeros_like(Wn)
     for t in range(iters):
         if mask is None and t < mask_steps:
             cur = full * (1.0 - (1.0 - (t + 1) / mask_steps) ** 3)
-            score = (X + U).abs()
+            score = (X + U).abs() * obs_scale
             k = round(cur * score.numel())
             if n:
                 cand = _choose_nm(score, n, m)

@@ -237,6 +237,13 @@ def test_dense_fraction_and_mixed_patterns_by_sensitivity(calib, tmp_path):
     ids = calib[:2]
     with torch.no_grad():
         assert torch.allclose(back(ids).logits.float(), model(ids).logits.float(), atol=1e-3, rtol=1e-3)
+    from sparsegpt_export.converters.compressed_tensors import export as export_ct
+
+    ct = export_ct(d, tmp_path / "mixed-ct")
+    text = " ".join(f.read_text() for f in ct.glob("*.json"))
+    for k in dense + mixed:
+        assert k in text
+    assert '"4:8"' in text and '"dense"' in text and '"2:4"' in text
 
 
 # ---------------------------------------------------------------------------------------------- CLI
