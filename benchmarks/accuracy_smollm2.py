@@ -14,8 +14,9 @@ the others reuse them: the ``sensitivity_s`` column says which.
 
     python benchmarks/accuracy_smollm2.py [--rows NAME,...] [--work DIR] [--out benchmarks/results] [--fresh]
 
-Rows already in ``<out>/accuracy_smollm2.json`` are kept unless ``--fresh``; the JSON and the Markdown table are
-rewritten after every row.
+Rows already in ``<out>/accuracy_smollm2.json`` are kept unless ``--fresh`` (which recomputes the rows named in
+``--rows``, keeping the others); the JSON and the Markdown table are rewritten after every row, and the raw output
+is appended to ``accuracy_smollm2.log``.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def main() -> int:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "sparsegpt-export" / "accuracy"))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=2048)
-    ap.add_argument("--fresh", action="store_true", help="recompute rows already in the JSON")
+    ap.add_argument("--fresh", action="store_true", help="recompute the --rows already in the JSON (others are kept)")
     args = ap.parse_args()
     if not CALIB.exists():
         print(f"skipped: {CALIB} is missing (see ../shared/data/README)")
@@ -106,7 +107,7 @@ def main() -> int:
         log_f.flush()
 
     path = out / "accuracy_smollm2.json"
-    results = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    results = json.loads(path.read_text()) if path.exists() else {}
     results.update(machine=f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
                    windows=args.windows, seqlen=args.seqlen)
     results.setdefault("rows", {})
