@@ -97,6 +97,8 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a sparsegpt_config.json to start from (flags given override it)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others at a collective (default 1800)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -120,12 +122,26 @@ def run_compress(args: argparse.Namespace) -> int:
         values = {**base, **{k: v for k, v in values.items() if v != parser_defaults.get(k)}}
     config = SparseGPTConfig.from_dict(values)
     check_writable(args.out, overwrite=args.overwrite or args.resume)
+    from . import distributed
+
+    d = distributed.init(config.device, timeout_s=args.dist_timeout)
+    try:
+        return _compress(args, config, d)
+    finally:
+        distributed.shutdown()
+
+
+def _compress(args: argparse.Namespace, config: Any, d: Any) -> int:
+    from .quantizer import SparseGPTQuantizer
+
     t0 = time.perf_counter()
     q = SparseGPTQuantizer.from_pretrained(args.model, config=config, dtype=None if args.dtype == "auto" else args.dtype)
     q.dataset = args.dataset
     t_load = time.perf_counter() - t0
     out = q.quantize(args.out, overwrite=args.overwrite or args.resume, progress=args.progress, resume=args.resume)
     s = q.report["summary"]
+    if d is not None and not d.is_main:
+        return 0
     print(
         f"compressed {s['layers_compressed']} layers ({s['layers_skipped']} skipped) of {args.model} to "
         f"{config.pattern}{'' if config.bits is None else f' + {config.bits}-bit'}: sparsity {s['weighted_sparsity']:.4f}, "
@@ -210,9 +226,16 @@ def build_parser(prog: str = "sparsegpt-export") -> argparse.ArgumentParser:
     return parser
 
 
+def torch_oom() -> type:
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", MemoryError)
+
+
 def handle_errors(fn: Callable[[], int]) -> int:
     from .calibration import CalibrationError
     from .config import ConfigError
+    from .distributed import DistributedError
     from .driver import UnsupportedModelError
     from .io import OutputError
     from .models import ModelNotFoundError
@@ -224,9 +247,17 @@ def handle_errors(fn: Callable[[], int]) -> int:
         print("sparsegpt-export: interrupted; nothing was written to --out (rerun with --resume to continue)", file=sys.stderr)
         return 130
     except (ConfigError, CalibrationError, UnsupportedModelError, OutputError, ModelNotFoundError, SolverError,
-            FileNotFoundError, ValueError, ImportError) as e:
+            DistributedError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"sparsegpt-export: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (MemoryError, torch_oom()) as e:
+        import os
+
+        rank = f" on rank {os.environ['RANK']}" if "RANK" in os.environ else ""
+        print(f"sparsegpt-export: error: out of memory{rank} ({str(e).splitlines()[0][:200] if str(e) else 'host'}); "
+              "lower --calib-batch-size, --nsamples or --seqlen, or use --offload. Nothing was written to --out; the "
+              "last finished block is kept: rerun with --resume", file=sys.stderr)
+        return 1
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -27,11 +27,16 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from . import distributed as distmod
 from .config import ConfigError, SparseGPTConfig, parse_pattern
 from .quant import QuantSpec
 from .solver import HessianAccumulator, SolveResult, SolverError, admm_prune, layer_error, sparsegpt_solve
 
 logger = logging.getLogger(__name__)
+
+
+# Testing aid: the process exits at once (no cleanup, as if killed) right after the checkpoint of this block.
+CRASH_ENV = "SPARSEGPT_EXPORT_CRASH_AFTER_BLOCK"
 
 
 class UnsupportedModelError(ValueError):
@@ -279,7 +284,13 @@ def compress_model(
     if calib.dim() != 2:
         raise ConfigError(f"calibration: expected input_ids of shape [nsamples, seqlen], got {tuple(calib.shape)}")
     nsamples, seqlen = calib.shape
-    batch = config.calib_batch_size or auto_batch_size(model, nsamples, seqlen, device)
+    d = distmod.current()
+    if d is not None:
+        distmod.check_same(d, arguments=json.dumps(config.to_dict(), sort_keys=True), **{"calibration data": _hash_tensor(calib)},
+                           model=f"{model_name}|{type(model).__name__}|{len(blocks)}")
+        progress = progress and d.is_main
+    local = distmod.shard(calib, d)
+    batch = config.calib_batch_size or auto_batch_size(model, local.shape[0], seqlen, device)
     was_training = model.training
     model.eval()
     use_cache = getattr(getattr(model, "config", None), "use_cache", None)
@@ -290,24 +301,31 @@ def compress_model(
     rows: list[dict] = []
     prof = {"capture_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0, "block_forward_s": 0.0, "checkpoint_s": 0.0}
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    world = d.world if d is not None else 1
     run_key = hashlib.sha256(
-        (json.dumps(config.to_dict(), sort_keys=True) + _hash_tensor(calib) + model_name + str(len(blocks))).encode()
+        (json.dumps(config.to_dict(), sort_keys=True) + _hash_tensor(calib) + model_name + str(len(blocks))
+         + (f"|world={world}" if world > 1 else "")).encode()
     ).hexdigest()[:16]
 
     t = time.perf_counter()
-    plan = plan_layers(model, path, blocks, calib, config, progress=progress, model_name=model_name,
-                       cache=config.sensitivity_cache or sensitivity_cache)
+    if d is None or d.is_main:  # the scores need the whole calibration set: rank 0 plans, the others receive it
+        plan = plan_layers(model, path, blocks, calib, config, progress=progress, model_name=model_name,
+                           cache=config.sensitivity_cache or sensitivity_cache)
+    if d is not None:
+        plan = distmod.broadcast_json(d, plan if d.is_main else None, 0)
     prof["plan_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    chunks = capture_block_inputs(model, blocks, calib, batch, device)
+    chunks = capture_block_inputs(model, blocks, local, batch, device)
     prof["capture_s"] = time.perf_counter() - t
     start_block = 0
     if ckpt is not None and resume:
-        start_block = _load_checkpoint(ckpt, run_key, model, path, blocks, chunks, records, rows)
+        start_block = _load_checkpoint(ckpt, run_key, model, path, blocks, chunks, records, rows, d)
     elif ckpt is not None and ckpt.exists():
         import shutil
 
-        shutil.rmtree(ckpt)
+        distmod.barrier(d, "the start-up barrier")  # every rank has checked for a checkpoint before it goes
+        if d is None or d.is_main:
+            shutil.rmtree(ckpt, ignore_errors=True)
 
     def solve(lname: str, module: nn.Module, H: torch.Tensor, prune: bool = True) -> None:
         W = get_weight(module)
@@ -371,6 +389,25 @@ def compress_model(
             logger.warning("layer %s: Cholesky failed, damping raised to %g", lname, res.damp)
         prof["solve_s"] += time.perf_counter() - t0
 
+    def solve_group(members: list[tuple[str, nn.Module]], acc: HessianAccumulator, prune: bool = True) -> None:
+        """Solve layers that share one input. With several ranks: the Hessian is all-reduced, each rank solves its
+        share of the layers, and every result is broadcast from the rank that solved it."""
+        if d is None:
+            for ln, mod in members:
+                solve(ln, mod, acc.H, prune)
+            return
+        H, _ = distmod.all_reduce_hessian(d, acc.H, acc.nsamples)
+        shapes = [tuple(get_weight(mod).shape) for _, mod in members]
+        own = distmod.owners([ln for ln, _ in members], [r * c * c for r, c in shapes], d.world)
+        for (ln, mod), r in zip(members, own):
+            if r == d.rank:
+                solve(ln, mod, H, prune)
+        names = {ln for ln, _ in members}
+        got = []
+        for (ln, mod), r in zip(members, own):
+            got.append(_share_result(d, r, ln, mod, records, rows))
+        rows[:] = [x for x in rows if x.get("layer") not in names] + got
+
     bar = _Progress(progress, len(blocks), "SparseGPT")
     for _ in range(start_block):
         bar.update()
@@ -383,10 +420,10 @@ def compress_model(
             todo = {k: v for k, v in lins.items() if _selected(k, config)}
             t_block = time.perf_counter()
             hooks_time = [0.0]
-            if len(chunks) == 1:
+            if len(chunks) == 1 and d is None:
                 outs = [_one_pass(block, chunks[0], todo, solve, hdtype, prof, hooks_time, bar)]
             else:
-                _staged(block, chunks, todo, solve, hdtype, prof, hooks_time, bar)
+                _staged(block, chunks, todo, solve_group, hdtype, prof, hooks_time, bar)
                 outs = []
                 with torch.no_grad():
                     for hs, kw in chunks:
@@ -396,12 +433,15 @@ def compress_model(
             block.to(orig_device)
             if ckpt is not None:
                 t = time.perf_counter()
-                _save_checkpoint(ckpt, run_key, bi, path, block, chunks, records, rows)
+                _save_checkpoint(ckpt, run_key, bi, path, block, chunks, records, rows, d)
                 prof["checkpoint_s"] += time.perf_counter() - t
+                if os.environ.get(CRASH_ENV) == str(bi):  # fault injection for the resume tests: die like a kill
+                    logger.error("%s=%d: exiting right after the checkpoint of block %d", CRASH_ENV, bi, bi)
+                    os._exit(75)
             bar.update()
         if config.quantize_lm_head:
             t = time.perf_counter()
-            _quantize_lm_head(model, chunks, solve, hdtype, device)
+            _quantize_lm_head(model, chunks, solve_group, hdtype, device)
             prof["lm_head_s"] = time.perf_counter() - t
     finally:
         bar.close()
@@ -420,6 +460,7 @@ def compress_model(
         "blocks_path": path,
         "num_blocks": len(blocks),
         "nsamples": int(nsamples),
+        "world_size": world,
         "seqlen": int(seqlen),
         "calib_batch_size": int(batch),
         "device": str(device),
@@ -545,8 +586,9 @@ def _one_pass(block, chunk, todo, solve, hdtype, prof, hooks_time, bar) -> torch
     return out
 
 
-def _staged(block, chunks, todo, solve, hdtype, prof, hooks_time, bar) -> None:
-    """Windows in chunks: per group of layers sharing an input, one early-stopped forward over all chunks."""
+def _staged(block, chunks, todo, solve_group, hdtype, prof, hooks_time, bar) -> None:
+    """Windows in chunks (or on several ranks): per group of layers sharing an input, one early-stopped forward over
+    all chunks, then ``solve_group(members, accumulator)``."""
     remaining = dict(todo)
     while remaining:
         members: list[str] = []
@@ -600,10 +642,8 @@ def _staged(block, chunks, todo, solve, hdtype, prof, hooks_time, bar) -> None:
                 warnings.warn(f"layer {ln}: never called in the block's forward; left dense")
             break
         t0 = time.perf_counter()
-        H = acc_box["acc"].H
-        for ln in members:
-            bar.postfix(ln.rsplit(".", 2)[-2] + "." + ln.rsplit(".", 1)[-1])
-            solve(ln, remaining.pop(ln), H)
+        bar.postfix(",".join(ln.rsplit(".", 1)[-1] for ln in members))
+        solve_group([(ln, remaining.pop(ln)) for ln in members], acc_box["acc"])
         hooks_time[0] += time.perf_counter() - t0
 
 
@@ -627,7 +667,7 @@ def untie_lm_head(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _quantize_lm_head(model: nn.Module, chunks, solve, hdtype, device) -> None:
+def _quantize_lm_head(model: nn.Module, chunks, solve_group, hdtype, device) -> None:
     """Quantize (never prune) the lm_head, its Hessian from the final norm's outputs on the compressed blocks."""
     lm = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if lm is None or not isinstance(lm, nn.Linear):
@@ -651,17 +691,75 @@ def _quantize_lm_head(model: nn.Module, chunks, solve, hdtype, device) -> None:
                 x = mod(x)
             acc.add(x)
         name = next(n for n, mod in model.named_modules() if mod is lm)
-        solve(name, lm, acc.H, prune=False)
+        solve_group([(name, lm)], acc, prune=False)
     finally:
         for mod, dev in moved:
             mod.to(dev)
 
 
+# ---------------------------------------------------------------------------------------------- several ranks
+def _share_result(d: "distmod.Dist", src: int, lname: str, module: nn.Module, records: dict, rows: list) -> dict:
+    """Broadcast one solved layer (weight, record with scales and zeros, report row) from rank ``src``; every rank
+    ends with the same weight and record. Returns the row."""
+    mine = d.rank == src
+    rec = records.get(lname) if mine else None
+    meta = None
+    if mine:
+        meta = {"row": next(x for x in reversed(rows) if x.get("layer") == lname),
+                "record": None if rec is None else {
+                    **{k: v for k, v in vars(rec).items() if k not in ("scales", "zeros")},
+                    "scales": None if rec.scales is None else [list(rec.scales.shape), str(rec.scales.dtype)[6:]],
+                    "zeros": None if rec.zeros is None else list(rec.zeros.shape)}}
+    meta = distmod.broadcast_json(d, meta, src)
+    w = module.weight.data
+    got = distmod.broadcast_tensor(d, w.float() if d.device.type == "cpu" else w, src)
+    if not mine:
+        w.copy_(got.to(w.dtype))
+    r = meta["record"]
+    if r is not None:
+        scales = zeros = None
+        if r["scales"] is not None:
+            shape, dtype = r["scales"]
+            buf = rec.scales.float() if mine else torch.empty(shape, dtype=torch.float32)
+            scales = distmod.broadcast_tensor(d, buf, src).to(getattr(torch, dtype))
+        if r["zeros"] is not None:
+            buf = rec.zeros if mine else torch.empty(r["zeros"], dtype=torch.uint8)
+            zeros = distmod.broadcast_tensor(d, buf, src)
+        if not mine:
+            records[lname] = LayerRecord(**{**r, "shape": tuple(r["shape"]), "scales": scales, "zeros": zeros})
+    return meta["row"]
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _save_checkpoint(ckpt: Path, run_key: str, bi: int, path: str, block: nn.Module, chunks, records, rows) -> None:
+def _inputs_file(ckpt: Path, d: Optional["distmod.Dist"], next_block: int) -> Path:
+    rank = d.rank if d is not None else 0
+    return ckpt / f"inputs.rank{rank}.block{next_block:05d}.safetensors"
+
+
+def _save_checkpoint(ckpt: Path, run_key: str, bi: int, path: str, block: nn.Module, chunks, records, rows,
+                     d: Optional["distmod.Dist"] = None) -> None:
+    """After block ``bi``: each rank keeps its own block outputs (versioned by block, so a crash between the files
+    never pairs new inputs with an old state); rank 0 then keeps the block's weights, records and the state."""
     from safetensors.torch import save_file
 
     ckpt.mkdir(parents=True, exist_ok=True)
+    acts = {f"hidden_{i}": hs.detach().cpu().contiguous() for i, (hs, _) in enumerate(chunks)}
+    target = _inputs_file(ckpt, d, bi + 1)
+    tmp = target.with_suffix(".tmp")
+    save_file(acts, str(tmp))
+    os.replace(tmp, target)
+    distmod.barrier(d, f"the checkpoint after block {bi}")
+    if d is None or d.is_main:
+        _save_block_state(ckpt, run_key, bi, path, block, records, rows)
+    distmod.barrier(d, f"the checkpoint after block {bi}")
+    old = _inputs_file(ckpt, d, bi)
+    if old.exists():
+        old.unlink()
+
+
+def _save_block_state(ckpt: Path, run_key: str, bi: int, path: str, block: nn.Module, records, rows) -> None:
+    from safetensors.torch import save_file
+
     prefix = f"{path}.{bi}."
     tensors = {prefix + k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
     for name, rec in records.items():
@@ -670,11 +768,9 @@ def _save_checkpoint(ckpt: Path, run_key: str, bi: int, path: str, block: nn.Mod
                 tensors[name + ".__scales"] = rec.scales.contiguous()
             if rec.zeros is not None:
                 tensors[name + ".__zeros"] = rec.zeros.contiguous()
-    save_file(tensors, str(ckpt / f"block_{bi:05d}.safetensors"))
-    acts = {f"hidden_{i}": hs.detach().cpu().contiguous() for i, (hs, _) in enumerate(chunks)}
-    tmp = ckpt / "inputs.safetensors.tmp"
-    save_file(acts, str(tmp))
-    os.replace(tmp, ckpt / "inputs.safetensors")
+    tmpb = ckpt / f"block_{bi:05d}.safetensors.tmp"
+    save_file(tensors, str(tmpb))
+    os.replace(tmpb, ckpt / f"block_{bi:05d}.safetensors")
     meta = {
         "run_key": run_key, "next_block": bi + 1, "rows": rows,
         "records": {n: {k: v for k, v in vars(r).items() if k not in ("scales", "zeros")} for n, r in records.items()},
@@ -684,7 +780,8 @@ def _save_checkpoint(ckpt: Path, run_key: str, bi: int, path: str, block: nn.Mod
     os.replace(tmpj, ckpt / "state.json")
 
 
-def _load_checkpoint(ckpt: Path, run_key: str, model, path, blocks, chunks, records, rows) -> int:
+def _load_checkpoint(ckpt: Path, run_key: str, model, path, blocks, chunks, records, rows,
+                     d: Optional["distmod.Dist"] = None) -> int:
     from safetensors.torch import load_file
 
     state_f = ckpt / "state.json"
@@ -710,7 +807,14 @@ def _load_checkpoint(ckpt: Path, run_key: str, model, path, blocks, chunks, reco
         rec.zeros = saved.get(name + ".__zeros")
         records[name] = rec
     rows.extend(meta["rows"])
-    acts = load_file(str(ckpt / "inputs.safetensors"))
+    f = _inputs_file(ckpt, d, nb)
+    if not f.is_file():
+        raise ConfigError(f"--resume: {f} is missing from the checkpoint in {ckpt} (was the run started with another "
+                          "number of ranks?); remove the checkpoint or run without --resume")
+    acts = load_file(str(f))
+    if len(acts) != len(chunks):
+        raise ConfigError(f"--resume: {f} holds {len(acts)} chunks of activations, this run has {len(chunks)} "
+                          "(another --calib-batch-size?); use the same arguments as the interrupted run")
     for i in range(len(chunks)):
         hs = acts[f"hidden_{i}"].to(chunks[i][0].device)
         chunks[i] = (hs, chunks[i][1])

@@ -105,12 +105,18 @@ class SparseGPTQuantizer(_Base):
         """
         if self.model is None:
             raise RuntimeError("quantize: no model; use SparseGPTQuantizer.from_pretrained(...) or quantize_model()")
+        from . import distributed
+
         out = check_writable(save_dir, overwrite=overwrite)
         ckpt = out.absolute().parent / f".{out.name}.sparsegpt-checkpoint"
         self.quantize_model(self.model, self.tokenizer, progress=progress, checkpoint_dir=ckpt, resume=resume,
                             sensitivity_cache=out.absolute().parent / SENSITIVITY_CACHE)
-        path = self.save(self.model, out, overwrite=overwrite)
-        import shutil
+        d = distributed.current()
+        if d is None or d.is_main:  # with several ranks, rank 0 writes (every rank holds the same result)
+            self.save(self.model, out, overwrite=overwrite)
+        distributed.barrier(d, "the final barrier")
+        if d is None or d.is_main:
+            import shutil
 
-        shutil.rmtree(ckpt, ignore_errors=True)
-        return path
+            shutil.rmtree(ckpt, ignore_errors=True)
+        return out
