@@ -97,6 +97,14 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="a sparsegpt_config.json to start from (flags given override it)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    p.add_argument("--offload", choices=["none", "cpu", "disk"], default="cpu",
+                   help="where the model waits between blocks: cpu (host memory, default), none (all on the compute "
+                        "device), disk (streamed block by block from its safetensors files: for models larger than memory)")
+    p.add_argument("--offload-dir", default=None,
+                   help="--offload disk: where finished blocks are staged, and the resume checkpoint kept (default: beside --out)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="what the calibration activations may take on the compute device (e.g. 20GiB); beyond it they "
+                        "stay in host memory and go to the device chunk by chunk")
     p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others at a collective (default 1800)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -122,6 +130,14 @@ def run_compress(args: argparse.Namespace) -> int:
         values = {**base, **{k: v for k, v in values.items() if v != parser_defaults.get(k)}}
     config = SparseGPTConfig.from_dict(values)
     check_writable(args.out, overwrite=args.overwrite or args.resume)
+    if args.offload_dir:
+        from .offload import check_dir
+
+        check_dir(args.offload_dir)
+    if args.max_memory:
+        from .offload import parse_memory
+
+        parse_memory(args.max_memory)
     from . import distributed
 
     d = distributed.init(config.device, timeout_s=args.dist_timeout)
@@ -135,7 +151,8 @@ def _compress(args: argparse.Namespace, config: Any, d: Any) -> int:
     from .quantizer import SparseGPTQuantizer
 
     t0 = time.perf_counter()
-    q = SparseGPTQuantizer.from_pretrained(args.model, config=config, dtype=None if args.dtype == "auto" else args.dtype)
+    q = SparseGPTQuantizer.from_pretrained(args.model, config=config, dtype=None if args.dtype == "auto" else args.dtype,
+                                           offload=args.offload, offload_dir=args.offload_dir, max_memory=args.max_memory)
     q.dataset = args.dataset
     t_load = time.perf_counter() - t0
     out = q.quantize(args.out, overwrite=args.overwrite or args.resume, progress=args.progress, resume=args.resume)
@@ -236,6 +253,7 @@ def handle_errors(fn: Callable[[], int]) -> int:
     from .calibration import CalibrationError
     from .config import ConfigError
     from .distributed import DistributedError
+    from .offload import OffloadError
     from .driver import UnsupportedModelError
     from .io import OutputError
     from .models import ModelNotFoundError
@@ -247,7 +265,7 @@ def handle_errors(fn: Callable[[], int]) -> int:
         print("sparsegpt-export: interrupted; nothing was written to --out (rerun with --resume to continue)", file=sys.stderr)
         return 130
     except (ConfigError, CalibrationError, UnsupportedModelError, OutputError, ModelNotFoundError, SolverError,
-            DistributedError, FileNotFoundError, ValueError, ImportError) as e:
+            DistributedError, OffloadError, FileNotFoundError, ValueError, ImportError) as e:
         print(f"sparsegpt-export: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (MemoryError, torch_oom()) as e:

@@ -209,7 +209,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.T
     block_params = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
     moved = []
     for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in block_params and t.device != device:
+        if id(t) not in block_params and t.device != device and t.device.type != "meta":
             moved.append((t, t.device))
             t.data = t.data.to(device)
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -268,10 +268,17 @@ def compress_model(
     resume: bool = False,
     model_name: str = "",
     sensitivity_cache: Optional[str | os.PathLike] = None,
+    store: Any = None,
+    max_memory: Optional[int] = None,
 ) -> CompressionResult:
     """Compress ``model`` in place with SparseGPT on the calibration windows ``calib`` [nsamples, seqlen].
 
     ``sensitivity_cache`` (or ``config.sensitivity_cache``): where the sensitivity scores are kept between runs.
+    ``store``: where the blocks come from and go to when the model is not in memory (``offload.DiskStore``: the
+    weights stay on the meta device except the block at work; its staging folder is ``checkpoint_dir``).
+    ``max_memory``: bytes the calibration activations may take on the compute device; beyond it they are kept
+    in host memory and moved to the device chunk by chunk (``report["activations"]`` says which).
+    Under torchrun (an initialised process group) each rank works on its share of ``calib``.
     """
     t_start = time.perf_counter()
     device = resolve_device(config.device)
@@ -314,12 +321,30 @@ def compress_model(
     if d is not None:
         plan = distmod.broadcast_json(d, plan if d.is_main else None, 0)
     prof["plan_s"] = time.perf_counter() - t
+    if store is not None and ckpt is None:
+        raise ConfigError("offload: streaming blocks from disk needs a checkpoint_dir to stage them in")
+    if store is not None and config.quantize_lm_head:
+        raise ConfigError("--quantize-lm-head is not supported with --offload disk yet; use --offload cpu")
     t = time.perf_counter()
-    chunks = capture_block_inputs(model, blocks, local, batch, device)
+    if store is not None:
+        store.fetch_front(device)
+    try:
+        chunks = capture_block_inputs(model, blocks, local, batch, device)
+    finally:
+        if store is not None:
+            store.release_front()
     prof["capture_s"] = time.perf_counter() - t
+    act_bytes = 2 * sum(hs.numel() * hs.element_size() for hs, _ in chunks)  # a block's inputs and outputs
+    spill = max_memory is not None and act_bytes > max_memory
+    if spill:
+        chunks = [(hs.cpu(), kw) for hs, kw in chunks]
+    where = "host memory" if spill else str(device)
+    logger.info("calibration activations: %.1f MB on %s%s", act_bytes / 2**20, where,
+                f" (over --max-memory {max_memory / 2**20:.1f} MB)" if spill else "")
     start_block = 0
     if ckpt is not None and resume:
-        start_block = _load_checkpoint(ckpt, run_key, model, path, blocks, chunks, records, rows, d)
+        start_block = _load_checkpoint(ckpt, run_key, model, path, blocks, chunks, records, rows, d,
+                                       load_weights=store is None)
     elif ckpt is not None and ckpt.exists():
         import shutil
 
@@ -415,22 +440,28 @@ def compress_model(
         for bi in range(start_block, len(blocks)):
             block = blocks[bi]
             orig_device = next(block.parameters()).device
-            block.to(device)
+            if store is not None:
+                store.fetch(bi, block, device)
+            else:
+                block.to(device)
             lins = {f"{path}.{bi}.{k}": v for k, v in block_linears(block).items()}
             todo = {k: v for k, v in lins.items() if _selected(k, config)}
             t_block = time.perf_counter()
             hooks_time = [0.0]
-            if len(chunks) == 1 and d is None:
+            if len(chunks) == 1 and d is None and not spill:
                 outs = [_one_pass(block, chunks[0], todo, solve, hdtype, prof, hooks_time, bar)]
             else:
-                _staged(block, chunks, todo, solve_group, hdtype, prof, hooks_time, bar)
+                work = _OnDevice(chunks, device) if spill else chunks
+                _staged(block, work, todo, solve_group, hdtype, prof, hooks_time, bar)
                 outs = []
                 with torch.no_grad():
-                    for hs, kw in chunks:
-                        outs.append(_first_hidden(block(hs, **kw)))
+                    for hs, kw in work:
+                        o = _first_hidden(block(hs, **kw))
+                        outs.append(o.cpu() if spill else o)
             prof["block_forward_s"] += time.perf_counter() - t_block - hooks_time[0]
             chunks = [(o, kw) for o, (_, kw) in zip(outs, chunks)]
-            block.to(orig_device)
+            if store is None:
+                block.to(orig_device)
             if ckpt is not None:
                 t = time.perf_counter()
                 _save_checkpoint(ckpt, run_key, bi, path, block, chunks, records, rows, d)
@@ -438,6 +469,8 @@ def compress_model(
                 if os.environ.get(CRASH_ENV) == str(bi):  # fault injection for the resume tests: die like a kill
                     logger.error("%s=%d: exiting right after the checkpoint of block %d", CRASH_ENV, bi, bi)
                     os._exit(75)
+            if store is not None:
+                store.release(bi, block)
             bar.update()
         if config.quantize_lm_head:
             t = time.perf_counter()
@@ -463,6 +496,8 @@ def compress_model(
         "world_size": world,
         "seqlen": int(seqlen),
         "calib_batch_size": int(batch),
+        "activations": "host" if spill else "device",
+        "offload": "disk" if store is not None else None,
         "device": str(device),
         "scale_dtype": str(scale_dtype).replace("torch.", ""),
         "layers": rows,
@@ -549,6 +584,20 @@ def plan_layers(model: nn.Module, path: str, blocks: nn.ModuleList, calib: torch
     plan["dense"], plan["mixed"] = dense, mixed
     plan["pattern"] = {k: "dense" if k in dense else (config.mix_pattern if k in mixed else config.pattern) for k in names}
     return plan
+
+
+class _OnDevice:
+    """Chunks kept in host memory, each moved to the compute device when a forward needs it."""
+
+    def __init__(self, chunks, device):
+        self.chunks, self.device = chunks, device
+
+    def __iter__(self):
+        for hs, kw in self.chunks:
+            yield hs.to(self.device), kw
+
+    def __len__(self):
+        return len(self.chunks)
 
 
 def _one_pass(block, chunk, todo, solve, hdtype, prof, hooks_time, bar) -> torch.Tensor:
@@ -760,17 +809,21 @@ def _save_checkpoint(ckpt: Path, run_key: str, bi: int, path: str, block: nn.Mod
 def _save_block_state(ckpt: Path, run_key: str, bi: int, path: str, block: nn.Module, records, rows) -> None:
     from safetensors.torch import save_file
 
+    # the block's weights under their checkpoint names (with --offload disk this file becomes an output shard), and
+    # its layers' scales and zero points beside it
     prefix = f"{path}.{bi}."
     tensors = {prefix + k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+    quant: dict[str, torch.Tensor] = {}
     for name, rec in records.items():
         if name.startswith(prefix):
             if rec.scales is not None:
-                tensors[name + ".__scales"] = rec.scales.contiguous()
+                quant[name + ".scales"] = rec.scales.contiguous()
             if rec.zeros is not None:
-                tensors[name + ".__zeros"] = rec.zeros.contiguous()
-    tmpb = ckpt / f"block_{bi:05d}.safetensors.tmp"
-    save_file(tensors, str(tmpb))
-    os.replace(tmpb, ckpt / f"block_{bi:05d}.safetensors")
+                quant[name + ".zeros"] = rec.zeros.contiguous()
+    for fname, data in ((f"quant_{bi:05d}.safetensors", quant), (f"block_{bi:05d}.safetensors", tensors)):
+        tmpb = ckpt / (fname + ".tmp")
+        save_file(data, str(tmpb))
+        os.replace(tmpb, ckpt / fname)
     meta = {
         "run_key": run_key, "next_block": bi + 1, "rows": rows,
         "records": {n: {k: v for k, v in vars(r).items() if k not in ("scales", "zeros")} for n, r in records.items()},
@@ -781,7 +834,7 @@ def _save_block_state(ckpt: Path, run_key: str, bi: int, path: str, block: nn.Mo
 
 
 def _load_checkpoint(ckpt: Path, run_key: str, model, path, blocks, chunks, records, rows,
-                     d: Optional["distmod.Dist"] = None) -> int:
+                     d: Optional["distmod.Dist"] = None, load_weights: bool = True) -> int:
     from safetensors.torch import load_file
 
     state_f = ckpt / "state.json"
@@ -791,20 +844,21 @@ def _load_checkpoint(ckpt: Path, run_key: str, model, path, blocks, chunks, reco
     meta = json.loads(state_f.read_text())
     if meta.get("run_key") != run_key:
         raise ConfigError(
-            f"--resume: the checkpoint in {ckpt} was made with another model, configuration or calibration data; "
+            f"--resume: the checkpoint in {ckpt} was made with another model, configuration, calibration data or number of ranks; "
             "remove it or run without --resume"
         )
     nb = int(meta["next_block"])
     saved: dict[str, torch.Tensor] = {}
     for bi in range(nb):
-        t = load_file(str(ckpt / f"block_{bi:05d}.safetensors"))
-        prefix = f"{path}.{bi}."
-        blocks[bi].load_state_dict({k[len(prefix):]: v for k, v in t.items() if ".__" not in k}, strict=True)
-        saved.update({k: v for k, v in t.items() if ".__" in k})
+        if load_weights:
+            t = load_file(str(ckpt / f"block_{bi:05d}.safetensors"))
+            prefix = f"{path}.{bi}."
+            blocks[bi].load_state_dict({k[len(prefix):]: v for k, v in t.items()}, strict=True)
+        saved.update(load_file(str(ckpt / f"quant_{bi:05d}.safetensors")))
     for name, r in meta["records"].items():
         rec = LayerRecord(**{**r, "shape": tuple(r["shape"])})
-        rec.scales = saved.get(name + ".__scales")
-        rec.zeros = saved.get(name + ".__zeros")
+        rec.scales = saved.get(name + ".scales")
+        rec.zeros = saved.get(name + ".zeros")
         records[name] = rec
     rows.extend(meta["rows"])
     f = _inputs_file(ckpt, d, nb)

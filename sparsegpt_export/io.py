@@ -87,22 +87,87 @@ def save_compressed(model: Any, tokenizer: Any, result: CompressionResult, out: 
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        tensors: dict[str, torch.Tensor] = {}
-        layers: dict[str, dict] = {}
-        for name, rec in result.records.items():
-            layers[name] = {
-                "shape": list(rec.shape), "pattern": rec.pattern, "sparsity": rec.sparsity, "bits": rec.bits,
-                "group_size": rec.group_size, "sym": rec.sym,
-            }
-            if rec.scales is not None:
-                tensors[f"{name}.scales"] = rec.scales.contiguous()
-            if rec.zeros is not None:
-                tensors[f"{name}.zeros"] = rec.zeros.contiguous()
-        meta = {"format": "sparsegpt-compressed", "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
-        save_file(tensors, str(tmp / QUANT_FILE), metadata=meta)
-        result.config.to_json_file(tmp / CONFIG_FILE)
-        (tmp / REPORT_FILE).write_text(json.dumps(result.report, indent=2) + "\n")
+        _write_side_files(tmp, result)
     return Path(out)
+
+
+def save_streamed(model: Any, tokenizer: Any, result: CompressionResult, out: str | os.PathLike, store: Any,
+                  overwrite: bool = False) -> Path:
+    """The output of an ``--offload disk`` run: the staged block shards (hard-linked when the file system allows,
+    copied otherwise) and one more shard with the tensors outside the blocks, copied from the source checkpoint,
+    with ``model.safetensors.index.json``; then the same side files as :func:`save_compressed`."""
+    from safetensors.torch import save_file
+
+    from .models import strip_quantization_config
+
+    n = store.num_blocks + 1
+    with atomic_dir(out, overwrite) as tmp:
+        weight_map: dict[str, str] = {}
+        total = 0
+        for bi in range(store.num_blocks):
+            src, name = store.block_file(bi), f"model-{bi + 1:05d}-of-{n:05d}.safetensors"
+            if not src.is_file():
+                raise OutputError(f"--offload disk: the staged block {src} is missing; rerun with --resume")
+            try:
+                os.link(src, tmp / name)
+            except OSError:
+                shutil.copyfile(src, tmp / name)
+            from safetensors import safe_open
+
+            with safe_open(str(tmp / name), framework="pt") as f:
+                for k in f.keys():
+                    weight_map[k] = name
+                    sl = f.get_slice(k)
+                    total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
+        rest = store.source.get(store.rest_keys())
+        name = f"model-{n:05d}-of-{n:05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / name), metadata={"format": "pt"})
+        for k, v in rest.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+        del rest
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        strip_quantization_config(model.config)
+        model.config.save_pretrained(tmp)
+        gen = store.source.folder / "generation_config.json"
+        if gen.is_file():
+            shutil.copyfile(gen, tmp / gen.name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _write_side_files(tmp, result)
+    return Path(out)
+
+
+def _numel(shape: list[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 4)
+
+
+def _write_side_files(tmp: Path, result: CompressionResult) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    for name, rec in result.records.items():
+        layers[name] = {
+            "shape": list(rec.shape), "pattern": rec.pattern, "sparsity": rec.sparsity, "bits": rec.bits,
+            "group_size": rec.group_size, "sym": rec.sym,
+        }
+        if rec.scales is not None:
+            tensors[f"{name}.scales"] = rec.scales.contiguous()
+        if rec.zeros is not None:
+            tensors[f"{name}.zeros"] = rec.zeros.contiguous()
+    meta = {"format": "sparsegpt-compressed", "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
+    save_file(tensors, str(tmp / QUANT_FILE), metadata=meta)
+    result.config.to_json_file(tmp / CONFIG_FILE)
+    (tmp / REPORT_FILE).write_text(json.dumps(result.report, indent=2) + "\n")
 
 
 def load_records(folder: str | os.PathLike) -> dict[str, LayerRecord]:

@@ -20,7 +20,7 @@ import torch
 from .calibration import DatasetSpec, get_calibration_data
 from .config import SparseGPTConfig
 from .driver import CompressionResult, compress_model
-from .io import check_writable, save_compressed
+from .io import check_writable, save_compressed, save_streamed
 
 try:  # optimum is a dependency; keep the API usable if a broken install lacks it
     from optimum.quantization_base import OptimumQuantizer as _Base
@@ -47,6 +47,10 @@ class SparseGPTQuantizer(_Base):
         self.tokenizer: Any = None
         self.model_name = ""
         self.result: Optional[CompressionResult] = None
+        self.offload = "cpu"  # where the model lives between blocks: see from_pretrained
+        self.offload_dir: Optional[Path] = None
+        self.max_memory: Optional[int] = None
+        self._store: Any = None
 
     # ---------------------------------------------------------------- Optimum / GPTQQuantizer method names
     def to_dict(self) -> dict[str, Any]:
@@ -58,12 +62,38 @@ class SparseGPTQuantizer(_Base):
 
     @classmethod
     def from_pretrained(cls, model_or_path: str | os.PathLike, file_name: Optional[str] = None, *,
-                        config: Optional[SparseGPTConfig] = None, dtype: Optional[str] = None, **kwargs: Any) -> "SparseGPTQuantizer":
-        """Load a checkpoint (local folder, hub name or a built-in name such as ``smollm2-135m``) to compress."""
-        from .models import load_model
+                        config: Optional[SparseGPTConfig] = None, dtype: Optional[str] = None, offload: str = "cpu",
+                        offload_dir: Optional[str | os.PathLike] = None, max_memory: Optional[str | int] = None,
+                        **kwargs: Any) -> "SparseGPTQuantizer":
+        """Load a checkpoint (local folder, hub name or a built-in name such as ``smollm2-135m``) to compress.
 
+        ``offload``: ``"cpu"`` (default) keeps the model in host memory and moves one block at a time to the
+        compute device; ``"none"`` loads it whole onto the compute device; ``"disk"`` keeps it in its safetensors
+        files and streams one block at a time (see :mod:`sparsegpt_export.offload`), staging finished blocks in
+        ``offload_dir`` (default: beside the output). ``max_memory`` (``"20GiB"``, bytes): what the calibration
+        activations may take on the compute device before they are kept in host memory.
+        """
+        from .models import load_model, resolve_model
+        from .offload import OFFLOAD_MODES, OffloadError, load_skeleton, parse_memory
+
+        if offload not in OFFLOAD_MODES:
+            raise OffloadError(f"--offload: {offload!r} is not one of {OFFLOAD_MODES}")
         q = cls(config=config, **kwargs)
-        q.model, q.tokenizer = load_model(str(model_or_path), dtype=dtype)
+        q.offload, q.offload_dir = offload, Path(offload_dir) if offload_dir else None
+        q.max_memory = parse_memory(max_memory) if isinstance(max_memory, str) else max_memory
+        if offload == "disk":
+            from transformers import AutoTokenizer
+
+            path = resolve_model(str(model_or_path))
+            q.model = load_skeleton(path, dtype)
+            try:
+                q.tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError):
+                q.tokenizer = None
+        else:
+            dev = q.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            q.model, q.tokenizer = load_model(str(model_or_path), dtype=dtype,
+                                              device_map=dev if offload == "none" and dev != "cpu" else None)
         q.model_name = str(model_or_path)
         return q
 
@@ -86,7 +116,8 @@ class SparseGPTQuantizer(_Base):
         calib = self.get_calibration_dataset(tokenizer)
         name = self.model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         self.result = compress_model(model, calib, self.config, progress=progress, checkpoint_dir=checkpoint_dir,
-                                     resume=resume, model_name=str(name), sensitivity_cache=sensitivity_cache)
+                                     resume=resume, model_name=str(name), sensitivity_cache=sensitivity_cache,
+                                     store=self._store, max_memory=self.max_memory)
         self.model, self.tokenizer = model, tokenizer if tokenizer is not None else self.tokenizer
         return model
 
@@ -109,11 +140,27 @@ class SparseGPTQuantizer(_Base):
 
         out = check_writable(save_dir, overwrite=overwrite)
         ckpt = out.absolute().parent / f".{out.name}.sparsegpt-checkpoint"
-        self.quantize_model(self.model, self.tokenizer, progress=progress, checkpoint_dir=ckpt, resume=resume,
-                            sensitivity_cache=out.absolute().parent / SENSITIVITY_CACHE)
-        d = distributed.current()
-        if d is None or d.is_main:  # with several ranks, rank 0 writes (every rank holds the same result)
-            self.save(self.model, out, overwrite=overwrite)
+        if self.offload_dir is not None:
+            ckpt = self.offload_dir / f"{out.name}.sparsegpt-checkpoint"
+        self._store = None
+        if self.offload == "disk":
+            from .driver import find_blocks
+            from .offload import DiskStore, SafetensorsSource
+
+            path, blocks = find_blocks(self.model)
+            self._store = DiskStore(self.model, SafetensorsSource(self.model.config._name_or_path), ckpt, path,
+                                    len(blocks))
+        try:
+            self.quantize_model(self.model, self.tokenizer, progress=progress, checkpoint_dir=ckpt, resume=resume,
+                                sensitivity_cache=out.absolute().parent / SENSITIVITY_CACHE)
+            d = distributed.current()
+            if d is None or d.is_main:  # with several ranks, rank 0 writes (every rank holds the same result)
+                if self._store is not None:
+                    save_streamed(self.model, self.tokenizer, self.result, out, self._store, overwrite=overwrite)
+                else:
+                    self.save(self.model, out, overwrite=overwrite)
+        finally:
+            self._store = None
         distributed.barrier(d, "the final barrier")
         if d is None or d.is_main:
             import shutil

@@ -1,0 +1,131 @@
+"""Issue #8: --offload disk (the model streamed block by block from its safetensors files) and --max-memory."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparsegpt_export import SparseGPTQuantizer
+from sparsegpt_export.offload import DiskStore, OffloadError, parse_memory
+
+from conftest import compress_tiny
+
+
+def _weights(folder) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(glob.glob(str(folder / "model*.safetensors"))):
+        out.update(load_file(f))
+    return out
+
+
+def _same_output(a, b) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert sorted(wa) == sorted(wb)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    qa, qb = load_file(str(a / "sparsegpt_quant.safetensors")), load_file(str(b / "sparsegpt_quant.safetensors"))
+    assert sorted(qa) == sorted(qb) and all(torch.equal(qa[k], qb[k]) for k in qa)
+
+
+@pytest.fixture(scope="module")
+def in_memory(tmp_path_factory):
+    from conftest import save_tiny
+
+    root = tmp_path_factory.mktemp("offload")
+    saved = save_tiny(root)
+    assert compress_tiny(saved, root / "mem") == 0
+    return root, saved
+
+
+def test_disk_offload_gives_the_in_memory_checkpoint(in_memory, tmp_path):
+    root, saved = in_memory
+    out = tmp_path / "disk"
+    assert compress_tiny(saved, out, "--offload", "disk") == 0
+    _same_output(root / "mem", out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3  # one shard per block (2) and one for the rest
+    assert json.loads((out / "sparsegpt_report.json").read_text())["offload"] == "disk"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, _weights(root / "mem")["model.layers.1.mlp.down_proj.weight"])
+    assert not (tmp_path / ".disk.sparsegpt-checkpoint").exists()
+
+
+def test_disk_offload_holds_one_block_at_a_time(in_memory, tmp_path, monkeypatch):
+    root, (d, cal) = in_memory
+    seen = []
+    fetch = DiskStore.fetch
+
+    def spy(self, bi, block, device):
+        layers = self.model.model.layers
+        seen.append([all(p.device.type == "meta" for p in b.parameters()) for b in layers])
+        fetch(self, bi, block, device)
+
+    monkeypatch.setattr(DiskStore, "fetch", spy)
+    q = SparseGPTQuantizer.from_pretrained(str(d), offload="disk", pattern="2:4", bits=4, group_size=32, nsamples=8,
+                                           seqlen=32, device="cpu")
+    q.dataset = str(cal)
+    assert all(p.device.type == "meta" for p in q.model.parameters())  # nothing loaded up front
+    q.quantize(tmp_path / "out", progress=False)
+    assert seen == [[True, True], [True, True]]  # every other block was on meta when a block came in
+    assert all(p.device.type == "meta" for p in q.model.model.layers.parameters())
+    _same_output(root / "mem", tmp_path / "out")
+
+
+def test_disk_offload_crash_and_resume(in_memory, tmp_path):
+    root, (d, cal) = in_memory
+    stage = tmp_path / "stage"
+    args = [sys.executable, "-m", "sparsegpt_export", "compress", str(d), "--dataset", str(cal), "--nsamples", "8",
+            "--seqlen", "32", "--group-size", "32", "--device", "cpu", "--no-progress", "--offload", "disk",
+            "--offload-dir", str(stage), "--out", str(tmp_path / "out")]
+    env = {**os.environ, "SPARSEGPT_EXPORT_CRASH_AFTER_BLOCK": "0"}
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 75, r.stderr
+    assert not (tmp_path / "out").exists()
+    assert (stage / "out.sparsegpt-checkpoint" / "block_00000.safetensors").is_file()
+    r = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    _same_output(root / "mem", tmp_path / "out")
+
+
+def test_offload_bad_input(in_memory, tmp_path, capsys):
+    root, saved = in_memory
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert compress_tiny(saved, tmp_path / "o1", "--offload", "disk", "--offload-dir", str(blocker / "sub")) == 2
+    assert "--offload-dir" in capsys.readouterr().err and not (tmp_path / "o1").exists()
+    assert compress_tiny(saved, tmp_path / "o2", "--max-memory", "lots") == 2
+    assert "--max-memory: 'lots'" in capsys.readouterr().err
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((saved[0] / "config.json").read_text())
+    with pytest.raises(OffloadError, match="has no model.safetensors"):
+        q = SparseGPTQuantizer.from_pretrained(str(bare), offload="disk", nsamples=8, seqlen=32)
+        q.dataset = str(saved[1])
+        q.quantize(tmp_path / "o3", progress=False)
+    assert not (tmp_path / "o3").exists()
+
+
+def test_max_memory_keeps_activations_in_host_memory(in_memory, tmp_path):
+    root, saved = in_memory
+    out = tmp_path / "spill"
+    assert compress_tiny(saved, out, "--max-memory", "1KB") == 0
+    rep = json.loads((out / "sparsegpt_report.json").read_text())
+    assert rep["activations"] == "host"
+    assert json.loads((root / "mem" / "sparsegpt_report.json").read_text())["activations"] == "device"
+    _same_output(root / "mem", out)
+
+
+def test_parse_memory():
+    assert parse_memory("20GiB") == 20 << 30 and parse_memory("512MB") == 512 * 10 ** 6 and parse_memory("4096") == 4096
+    assert parse_memory("1.5gb") == 1_500_000_000
+    for bad in ("-1GB", "x", "0"):
+        with pytest.raises(OffloadError):
+            parse_memory(bad)
