@@ -94,11 +94,10 @@ def save_compressed(model: Any, tokenizer: Any, result: CompressionResult, out: 
 def save_streamed(model: Any, tokenizer: Any, result: CompressionResult, out: str | os.PathLike, store: Any,
                   overwrite: bool = False) -> Path:
     """The output of an ``--offload disk`` run: the staged block shards (hard-linked when the file system allows,
-    copied otherwise) and one more shard with the tensors outside the blocks, copied from the source checkpoint,
-    with ``model.safetensors.index.json``; then the same side files as :func:`save_compressed`."""
-    from safetensors.torch import save_file
-
+    copied otherwise) and one shard with the tensors outside the blocks, streamed from the source checkpoint, with
+    ``model.safetensors.index.json``; then the same side files as :func:`save_compressed`."""
     from .models import strip_quantization_config
+    from .offload import copy_tensors, file_tensor_sizes
 
     n = store.num_blocks + 1
     with atomic_dir(out, overwrite) as tmp:
@@ -112,20 +111,14 @@ def save_streamed(model: Any, tokenizer: Any, result: CompressionResult, out: st
                 os.link(src, tmp / name)
             except OSError:
                 shutil.copyfile(src, tmp / name)
-            from safetensors import safe_open
-
-            with safe_open(str(tmp / name), framework="pt") as f:
-                for k in f.keys():
-                    weight_map[k] = name
-                    sl = f.get_slice(k)
-                    total += _numel(sl.get_shape()) * _itemsize(sl.get_dtype())
-        rest = store.source.get(store.rest_keys())
+            for k, nbytes in file_tensor_sizes(tmp / name).items():
+                weight_map[k] = name
+                total += nbytes
+        # the tensors outside the blocks (embeddings, final norm, lm_head), streamed from the source unchanged
         name = f"model-{n:05d}-of-{n:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / name), metadata={"format": "pt"})
-        for k, v in rest.items():
-            weight_map[k] = name
-            total += v.numel() * v.element_size()
-        del rest
+        rest = store.rest_keys()
+        total += copy_tensors(store.source, rest, tmp / name)
+        weight_map.update({k: name for k in rest})
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         strip_quantization_config(model.config)
@@ -137,17 +130,6 @@ def save_streamed(model: Any, tokenizer: Any, result: CompressionResult, out: st
             tokenizer.save_pretrained(tmp)
         _write_side_files(tmp, result)
     return Path(out)
-
-
-def _numel(shape: list[int]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
-
-
-def _itemsize(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(dtype, 4)
 
 
 def _write_side_files(tmp: Path, result: CompressionResult) -> None:

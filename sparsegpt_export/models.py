@@ -126,5 +126,10 @@ def load_model(name_or_path: str, dtype: Optional[str] = None, device_map: Any =
             f"model {name_or_path!r} could not be loaded ({str(e).splitlines()[0][:200]}); pass a local checkpoint "
             f"folder or one of the built-in names {sorted(NAMED_MODELS)}"
         ) from None
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        if not Path(path).is_dir():
+            raise
+        tokenizer = None  # a local checkpoint without one: fine with pre-tokenized calibration data
     return model, tokenizer

@@ -91,6 +91,7 @@ class DiskStore:
         self.blocks_path, self.num_blocks = blocks_path, num_blocks
         self.dtype = next(model.parameters()).dtype
         check_dir(self.staging)
+        _malloc_returns_memory()
 
     # ------------------------------------------------------------------ modules in front of the blocks
     def _front_params(self) -> list[str]:
@@ -114,6 +115,7 @@ class DiskStore:
 
     def release(self, bi: int, block: nn.Module) -> None:
         self._drop(block, [n for n, _ in block.named_parameters()])
+        _malloc_trim()
 
     def _load(self, root: nn.Module, names: list[str], prefix: str, device: torch.device) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -134,9 +136,81 @@ class DiskStore:
         return self.staging / f"block_{bi:05d}.safetensors"
 
     def rest_keys(self) -> list[str]:
-        """Checkpoint keys that are not in a block (embeddings, final norm, lm_head): copied unchanged."""
-        prefix = self.blocks_path + "."
-        return [k for k in self.source.files if not k.startswith(prefix)]
+        """Checkpoint tensors that are not in a block (embeddings, final norm, lm_head): copied unchanged."""
+        return sorted(k for k in self.source.files if not k.startswith(self.blocks_path + "."))
+
+
+def _header(path: str | os.PathLike) -> tuple[int, dict]:
+    """(offset of the data buffer, header) of a safetensors file."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
+
+
+def file_tensor_sizes(path: str | os.PathLike) -> dict[str, int]:
+    """Bytes of every tensor in a safetensors file, from its header."""
+    _, header = _header(path)
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def copy_tensors(source: SafetensorsSource, keys: list[str], out: str | os.PathLike, chunk: int = 16 << 20) -> int:
+    """Write the named tensors of ``source`` unchanged into the safetensors file ``out``, streaming their bytes
+    (never more than ``chunk`` in memory, whatever their size: embeddings and lm_head can be gigabytes).
+    Returns the bytes of tensor data written."""
+    entries, offset = [], 0
+    headers: dict[Path, tuple[int, dict]] = {}
+    for k in keys:
+        f = source.files[k]
+        if f not in headers:
+            headers[f] = _header(f)
+        base, h = headers[f]
+        lo, hi = h[k]["data_offsets"]
+        entries.append((k, f, base + lo, hi - lo, h[k]["dtype"], h[k]["shape"]))
+    header: dict = {"__metadata__": {"format": "pt"}}
+    for k, _, _, size, dtype, shape in entries:
+        header[k] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(out, "wb") as dst:
+        dst.write(len(raw).to_bytes(8, "little"))
+        dst.write(raw)
+        for _, f, start, size, _, _ in entries:
+            with open(f, "rb") as src:
+                src.seek(start)
+                left = size
+                while left:
+                    buf = src.read(min(chunk, left))
+                    if not buf:
+                        raise OffloadError(f"--offload disk: {f} ends early (truncated checkpoint?)")
+                    dst.write(buf)
+                    left -= len(buf)
+    return offset
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:  # pragma: no cover
+        return None
+
+
+def _malloc_returns_memory() -> None:
+    """glibc serves allocations below its (self-raising, up to 32 MB) mmap threshold from heaps it rarely gives
+    back, so a process that reads and drops one block after another keeps growing. Pin the threshold at 1 MB:
+    tensors then come from mmap and go back to the system when freed. No-op off glibc."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
+def _malloc_trim() -> None:
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def check_dir(folder: str | os.PathLike) -> Path:

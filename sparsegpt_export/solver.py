@@ -114,15 +114,19 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, name: str) -> tuple[torch.Te
     mean_diag = torch.mean(torch.diag(H)).item()
     if not math.isfinite(mean_diag) or mean_diag <= 0:
         mean_diag = 1.0
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     escalations = 0
     d = damp
     for _ in range(8):
-        Hd = H + (d * mean_diag) * eye
+        # at most three cols x cols matrices alive at once besides H (what bounds a large layer's memory)
+        Hd = H.clone()
+        Hd.diagonal().add_(d * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info.item() == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info2.item() == 0 and torch.isfinite(U).all():
                 return U, d, escalations
         d *= 10.0
@@ -185,12 +189,14 @@ def sparsegpt_solve(
         raise SolverError(f"layer {name}: {cols} input columns are not a multiple of M={m} for the {n}:{m} pattern")
 
     Wf = W0.to(hdtype).clone()
-    H = H.clone()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    if bool(dead.any()):  # the caller's H is not modified: copy only when there is something to change
+        H = H.clone()
+        H[dead, dead] = 1.0
     Wf[:, dead] = 0.0
     U, used_damp, escalations = _inverse_cholesky(H, damp, name)
-    H[dead, dead] = 0.0
+    if bool(dead.any()):
+        H[dead, dead] = 0.0
     # ISC's [H]_jj term, on the damped diagonal the OBS factor was computed from
     hdiag = torch.diag(H) + used_damp * torch.mean(torch.diag(H)) if saliency == "isc" else None
     fixed = mask.to(W.device, torch.bool) if mask is not None else None
@@ -312,18 +318,28 @@ def _refit_scales(Wq, W0, H, scales, spec: QuantSpec):
     Returns ``(weight, scales, error, norm)``: the layer's ``sum (Wq-W) H (Wq-W)^T`` and ``sum W H W^T``.
     """
     rows, cols = Wq.shape
+    # rows are independent: do them in slices so that the float64 copies stay about 16 MB each
+    step = max(1, (16 << 20) // (8 * cols))
+    if rows > step:
+        parts = [_refit_scales(Wq[r:r + step], W0[r:r + step], H, scales[r:r + step], spec) for r in range(0, rows, step)]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), sum(p[2] for p in parts),
+                sum(p[3] for p in parts))
     G = scales.shape[1]
     dev = Wq.device
     idx = torch.arange(cols, device=dev) // (spec.group_size or cols)
     C = torch.round(Wq / scales[:, idx])  # code - zero: integers, 0 where pruned
-    Hd, Cd, W0d = H.to(torch.float64), C.to(torch.float64), W0.to(torch.float64)
-    HW = W0d.matmul(Hd)
-    b = torch.zeros(rows, G, dtype=torch.float64, device=dev).index_add_(1, idx, Cd * HW)
+    Cd, W0d = C.to(torch.float64), W0.to(torch.float64)
+    # H in float64 one group of rows at a time (never the whole cols x cols copy): HW = W H, A[:, a] = C_a H_a C^T
+    g = spec.group_size or cols
+    HW = torch.zeros(rows, cols, dtype=torch.float64, device=dev)
     A = torch.zeros(rows, G, G, dtype=torch.float64, device=dev)
     for a in range(G):
-        sa = idx == a
-        CHa = Cd[:, sa].matmul(Hd[sa, :])
+        lo, hi = a * g, min((a + 1) * g, cols)
+        Ha = H[lo:hi, :].to(torch.float64)
+        HW.addmm_(W0d[:, lo:hi], Ha)
+        CHa = Cd[:, lo:hi].matmul(Ha)
         A[:, a, :] = torch.zeros(rows, G, dtype=torch.float64, device=dev).index_add_(1, idx, CHa * Cd)
+    b = torch.zeros(rows, G, dtype=torch.float64, device=dev).index_add_(1, idx, Cd * HW)
     diag = A.diagonal(dim1=1, dim2=2)
     empty = diag <= 0
     ridge = 1e-9 * diag.clamp(min=0).mean(dim=1, keepdim=True) + 1e-30
