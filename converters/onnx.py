@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -374,6 +375,20 @@ def _build_gqa(model, layers: dict[str, dict], onnx_quant: str, accuracy_level: 
     return program, nbytes
 
 
+_CACHE_NAME = re.compile(r"^(?:input\.|output\.)?(?:past_key_values|cache|present)\.layers\.(\d+)\.(keys|values)$")
+
+
+def _canonical_io_names(program) -> None:
+    """Give the traced graph's cache inputs and outputs the names the runner and the gqa graph use
+    (``input.past_key_values.layers.<i>.<kind>`` / ``output.past_key_values...``), whatever the transformers
+    release called them (5.24 names them ``past_key_values.layers...`` and ``cache.layers...``)."""
+    for values, side in ((program.graph.inputs, "input"), (program.graph.outputs, "output")):
+        for value in values:
+            hit = _CACHE_NAME.match(value.name or "")
+            if hit:
+                value.name = f"{side}.past_key_values.layers.{hit.group(1)}.{hit.group(2)}"
+
+
 def _trace(model, layers: dict[str, dict], hf_config: dict, conv1d, onnx_quant: str, accuracy_level: int,
            opset: Optional[int], ort_fusions: Optional[str]):
     """The ``traced`` graph: transformers' ONNX exporter with marker ops, lowered; returns (model, byte counts)."""
@@ -405,6 +420,7 @@ def _trace(model, layers: dict[str, dict], hf_config: dict, conv1d, onnx_quant: 
             model, sample, OnnxConfig(dynamic=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
                                       ort_fusions=ort_fusions))
     program = exported.program
+    _canonical_io_names(program)
     nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
     if layers:
         nbytes = _lower_markers(program, layers, onnx_quant, accuracy_level)

@@ -203,7 +203,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.T
     def hook(_mod, args, kwargs):
         kwargs = dict(kwargs)
         hs = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hs, {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "layer_past")}))
+        captured.append((hs, {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "cache", "layer_past")}))
         raise _StopForward
 
     block_params = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}

@@ -140,6 +140,8 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
                 use_cache: Optional[bool] = None, return_dict: Optional[bool] = None, **kwargs) -> CausalLMOutputWithPast:
         if self.session is None:
             raise OnnxModelError("OnnxCausalLM has no session; build it with OnnxCausalLM.from_pretrained(DIR)")
+        if past_key_values is None:  # transformers >= 5.24 passes the cache as ``cache``
+            past_key_values = kwargs.pop("cache", None)
         input_ids = input_ids.cpu()
         batch, seq = input_ids.shape
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
