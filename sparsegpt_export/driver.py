@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import distributed as distmod
+from . import hostmem
 from .config import ConfigError, SparseGPTConfig, parse_pattern
 from .quant import QuantSpec
 from .solver import HessianAccumulator, SolveResult, SolverError, admm_prune, layer_error, sparsegpt_solve
@@ -279,9 +280,18 @@ def compress_model(
     ``max_memory``: bytes the calibration activations may take on the compute device; beyond it they are kept
     in host memory and moved to the device chunk by chunk (``report["activations"]`` says which).
     Under torchrun (an initialised process group) each rank works on its share of ``calib``.
+    On the CPU, freed host memory is kept for reuse during the run (``hostmem.reuse_freed_memory``), except with a
+    ``store``, whose point is to hold little.
     """
-    t_start = time.perf_counter()
     device = resolve_device(config.device)
+    with hostmem.reuse_freed_memory(store is None and device.type == "cpu"):
+        return _compress(model, calib, config, device, progress=progress, checkpoint_dir=checkpoint_dir, resume=resume,
+                         model_name=model_name, sensitivity_cache=sensitivity_cache, store=store, max_memory=max_memory)
+
+
+def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume, model_name, sensitivity_cache, store,
+              max_memory) -> CompressionResult:
+    t_start = time.perf_counter()
     path, blocks = find_blocks(model)
     n, m = config.nm
     model_dtype = next(model.parameters()).dtype

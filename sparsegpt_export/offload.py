@@ -21,6 +21,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from . import hostmem
+
 OFFLOAD_MODES = ("none", "cpu", "disk")
 
 
@@ -91,7 +93,7 @@ class DiskStore:
         self.blocks_path, self.num_blocks = blocks_path, num_blocks
         self.dtype = next(model.parameters()).dtype
         check_dir(self.staging)
-        _malloc_returns_memory()
+        hostmem.returns_memory()
 
     # ------------------------------------------------------------------ modules in front of the blocks
     def _front_params(self) -> list[str]:
@@ -115,7 +117,7 @@ class DiskStore:
 
     def release(self, bi: int, block: nn.Module) -> None:
         self._drop(block, [n for n, _ in block.named_parameters()])
-        _malloc_trim()
+        hostmem.trim()
 
     def _load(self, root: nn.Module, names: list[str], prefix: str, device: torch.device) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -186,31 +188,6 @@ def copy_tensors(source: SafetensorsSource, keys: list[str], out: str | os.PathL
                     dst.write(buf)
                     left -= len(buf)
     return offset
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:  # pragma: no cover
-        return None
-
-
-def _malloc_returns_memory() -> None:
-    """glibc serves allocations below its (self-raising, up to 32 MB) mmap threshold from heaps it rarely gives
-    back, so a process that reads and drops one block after another keeps growing. Pin the threshold at 1 MB:
-    tensors then come from mmap and go back to the system when freed. No-op off glibc."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-
-
-def _malloc_trim() -> None:
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def check_dir(folder: str | os.PathLike) -> Path:
