@@ -12,7 +12,8 @@ FLOP/s for the three kinds of work follow, and the fit is shown per layer shape.
 exists in this project (no GPU has been lent to it), so its rates are ASSUMPTIONS, printed with the result:
 sustained fractions of the H100 SXM's peaks (FP32 67 TFLOP/s for the solve and the Hessians, which run in
 float32; BF16 dense 989 TFLOP/s for the forwards). With 8 GPUs the windows split 8 ways (Hessians and forwards),
-the layers of a group are solved on different ranks (the critical path is the largest of each group), and each
+the layers of a group are solved on different ranks, or each layer's rows split across them where whole
+layers do not share out evenly (the critical path is the busiest rank of each group, as the driver schedules it), and each
 group's Hessian is all-reduced in float64 (ring, at an assumed 150 GB/s per GPU).
 
     python benchmarks/scale_estimate.py [--scale benchmarks/results/scale.json] [--out benchmarks/results]
@@ -57,6 +58,21 @@ def block_work(h: int, f: int, kv: int, tokens: int, seqlen: int) -> dict:
         "forward": 2.0 * tokens * params + 2.0 * tokens * seqlen * h,
         "max_cols": max(cols.values()), "group_cols": cols,
     }
+
+
+def group_critical_path(shapes: list[tuple[int, int]], world: int) -> float:
+    """FLOPs on the busiest rank for one group of layers sharing an input, as the driver schedules it: whole layers
+    on owners (largest first), or, when that leaves a rank with over 1.2x the mean load, every layer's rows split
+    across the ranks (2:4 with the OBS sweep is row by row; the factorisation is then done on every rank)."""
+    sys.path.insert(0, str(ROOT))
+    from sparsegpt_export.distributed import owners
+
+    sizes = [r * c * c for r, c in shapes]
+    own = owners([str(i) for i in range(len(shapes))], sizes, world)
+    load = [sum(solve_flops(r, c) for (r, c), o in zip(shapes, own) if o == k) for k in range(world)]
+    if max(sum(sz for sz, o in zip(sizes, own) if o == k) for k in range(world)) * world > 1.2 * sum(sizes):
+        return sum(4.0 / 3.0 * c ** 3 + 2.0 * r * c * c / world for r, c in shapes)
+    return max(load)
 
 
 def main() -> int:
@@ -113,9 +129,8 @@ def main() -> int:
                                                  + w["forward"] / rate["forward"])
         est["1 x H100 (assumed rates)"] = nb * (w["solve"] / H100["solve"] + w["hessian"] / H100["hessian"]
                                                 + w["forward"] / H100["forward"])
-        per_group: dict[str, float] = {}
-        for _, r, c, g in w["layers"]:
-            per_group[g] = max(per_group.get(g, 0.0), solve_flops(r, c))
+        per_group = {g: group_critical_path([(r, c) for _, r, c, gg in w["layers"] if gg == g], 8)
+                     for g in w["group_cols"]}
         comm = sum(2 * 8 * c * c * 7 / 8 for c in w["group_cols"].values()) / H100["allreduce_Bps"]
         est["8 x H100 (assumed rates)"] = nb * (sum(per_group.values()) / H100["solve"] + w["hessian"] / 8 / H100["hessian"]
                                                 + w["forward"] / 8 / H100["forward"] + comm)

@@ -4,7 +4,9 @@ Launched with ``torchrun --nproc-per-node N -m sparsegpt_export compress ...`` (
 rank loads the model and the same calibration windows, keeps its contiguous share of them, and runs each block on
 that share. The Hessians are sums over tokens, so they are all-reduced (``n * H`` in float64 and the token counts)
 and normalised; the layers of a group that share an input (q/k/v, gate/up) are solved on different ranks at the
-same time and their results broadcast, so every rank continues the block on identical compressed weights. Rank 0
+same time and their results broadcast, so every rank continues the block on identical compressed weights. Where
+the layers do not share out evenly (one o_proj or down_proj) and the problem is row by row (N:M with the OBS
+sweep), every rank solves its share of each layer's rows instead. Rank 0
 writes the output. NCCL on GPUs, gloo on CPU.
 
 Nothing here imports transformers; the driver calls :func:`current` and, when it returns a :class:`Dist`, these
@@ -134,6 +136,20 @@ def all_reduce_hessian(d: Dist, H: torch.Tensor, n: int) -> tuple[torch.Tensor, 
     if ntot == 0:
         return H, 0
     return (s / ntot).to(H.device, H.dtype), ntot
+
+
+def row_range(rows: int, d: Dist) -> tuple[int, int]:
+    """This rank's contiguous share of ``rows`` (as ``shard`` splits the windows)."""
+    return (d.rank * rows) // d.world, ((d.rank + 1) * rows) // d.world
+
+
+def all_reduce_sum(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over the ranks."""
+    import torch.distributed as dist
+
+    buf = t.detach().to(d.device).clone()
+    _call("an all-reduce of layer errors", dist.all_reduce, buf)
+    return buf.to(t.device)
 
 
 def broadcast_tensor(d: Dist, t: torch.Tensor, src: int) -> torch.Tensor:

@@ -362,7 +362,9 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
         if d is None or d.is_main:
             shutil.rmtree(ckpt, ignore_errors=True)
 
-    def solve(lname: str, module: nn.Module, H: torch.Tensor, prune: bool = True) -> None:
+    def solve(lname: str, module: nn.Module, H: torch.Tensor, prune: bool = True, split: Any = None) -> None:
+        """Solve one layer; with ``split`` (the ranks), this rank solves its share of the rows and the shares are
+        exchanged (only for row-separable problems: see ``_row_separable``)."""
         W = get_weight(module)
         rows_, cols = W.shape
         t0 = time.perf_counter()
@@ -398,9 +400,16 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             else:
                 res = SolveResult(weight=Wa, mask=mask, damp=obs.damp, damp_escalations=obs.damp_escalations,
                                   rel_error=admm_err, dead_inputs=obs.dead_inputs)
+        elif split is not None:
+            lo, hi = distmod.row_range(rows_, split)
+            res = sparsegpt_solve(Wd[lo:hi], H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency, **common)
+            res = _gather_rows(split, res, rows_, cols)
+            extra = {"row_split_ranks": split.world}
         else:
             res = sparsegpt_solve(Wd, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency, **common)
         set_weight(module, res.weight)
+        if store is not None:  # --offload disk: give the solve's freed scratch back now (it would pile up until the
+            hostmem.trim()     # block ends, in heap holes that glibc returns only when trimmed)
         pattern = pattern if prune else "dense"
         achieved = res.mask.float().mean().item()
         records[lname] = LayerRecord(
@@ -433,7 +442,15 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             return
         H, _ = distmod.all_reduce_hessian(d, acc.H, acc.nsamples)
         shapes = [tuple(get_weight(mod).shape) for _, mod in members]
-        own = distmod.owners([ln for ln, _ in members], [r * c * c for r, c in shapes], d.world)
+        sizes = [r * c * c for r, c in shapes]
+        own = distmod.owners([ln for ln, _ in members], sizes, d.world)
+        if _row_separable(config, plan, [ln for ln, _ in members], prune) and min(r for r, _ in shapes) >= 8 * d.world \
+                and max(sum(sz for sz, o in zip(sizes, own) if o == r) for r in range(d.world)) * d.world > 1.2 * sum(sizes):
+            # the layers do not share out evenly (one o_proj, or q/k/v on two ranks): every rank solves its rows of
+            # each layer instead (N:M masks, grids and the OBS update are row by row, so the result is the same)
+            for ln, mod in members:
+                solve(ln, mod, H, prune, split=d)
+            return
         for (ln, mod), r in zip(members, own):
             if r == d.rank:
                 solve(ln, mod, H, prune)
@@ -757,6 +774,40 @@ def _quantize_lm_head(model: nn.Module, chunks, solve_group, hdtype, device) -> 
 
 
 # ---------------------------------------------------------------------------------------------- several ranks
+def _row_separable(config: SparseGPTConfig, plan: dict, names: list[str], prune: bool) -> bool:
+    """Whether the solve of these layers is row by row: N:M masks (or no pruning) with the OBS sweep. Unstructured
+    masks rank the weights of all rows together, and ADMM's gradual mask does too."""
+    if not (prune and config.prunes):
+        return True
+    if config.update != "obs":
+        return False
+    return all(plan["pattern"].get(ln) == "dense" or parse_pattern(plan["pattern"].get(ln, config.pattern))[0] > 0
+               for ln in names)
+
+
+def _gather_rows(d: "distmod.Dist", part: SolveResult, rows: int, cols: int) -> SolveResult:
+    """The whole layer's result from every rank's share of its rows (broadcast share by share, in rank order)."""
+    weights, masks, scales, zeros = [], [], [], []
+    err = torch.tensor([part.error, part.norm], dtype=torch.float64)
+    total = distmod.all_reduce_sum(d, err)
+    for r in range(d.world):
+        lo, hi = distmod.row_range(rows, distmod.Dist(r, d.world, d.device))
+        mine = r == d.rank
+        weights.append(distmod.broadcast_tensor(d, part.weight if mine else torch.empty(hi - lo, cols), r))
+        masks.append(distmod.broadcast_tensor(
+            d, part.mask.to(torch.uint8) if mine else torch.empty(hi - lo, cols, dtype=torch.uint8), r).bool())
+        if part.scales is not None:
+            g = part.scales.shape[1]
+            scales.append(distmod.broadcast_tensor(d, part.scales if mine else torch.empty(hi - lo, g), r))
+            zeros.append(distmod.broadcast_tensor(d, part.zeros if mine else torch.empty(hi - lo, g), r))
+    num, den = float(total[0]), float(total[1])
+    return SolveResult(
+        weight=torch.cat(weights).to(part.weight.device), mask=torch.cat(masks).to(part.mask.device),
+        scales=torch.cat(scales) if scales else None, zeros=torch.cat(zeros) if zeros else None,
+        damp=part.damp, damp_escalations=part.damp_escalations, rel_error=num / den if den > 0 else 0.0,
+        seconds=part.seconds, dead_inputs=part.dead_inputs, error=num, norm=den)
+
+
 def _share_result(d: "distmod.Dist", src: int, lname: str, module: nn.Module, records: dict, rows: list) -> dict:
     """Broadcast one solved layer (weight, record with scales and zeros, report row) from rank ``src``; every rank
     ends with the same weight and record. Returns the row."""

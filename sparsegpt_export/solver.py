@@ -95,6 +95,8 @@ class SolveResult:
     rel_error: float = 0.0
     seconds: float = 0.0
     dead_inputs: int = 0
+    error: float = 0.0  # tr((Wq - W) H (Wq - W)^T): rel_error's numerator (rows add up: a row slice's part)
+    norm: float = 0.0  # tr(W H W^T): its denominator
 
     def codes(self, spec: QuantSpec) -> torch.Tensor:
         """Integer codes [rows, cols] (uint8) recovered from the weight and the scales."""
@@ -304,6 +306,8 @@ def sparsegpt_solve(
         rel_error=rel,
         seconds=time.perf_counter() - t0,
         dead_inputs=int(dead.sum().item()),
+        error=num,
+        norm=den,
     )
 
 

@@ -83,6 +83,11 @@ def test_two_ranks_match_one_process(tiny, extra):
     assert rep["world_size"] == 2 and rep["nsamples"] == 16
     assert [r["layer"] for r in rep["layers"]] == [r["layer"] for r in json.loads((one / "sparsegpt_report.json").read_text())["layers"]]
     assert r2.stdout.count("compressed 14 layers") == 1  # rank 0 reports, rank 1 is quiet
+    split = {r["layer"].rsplit(".", 1)[1] for r in rep["layers"] if r.get("row_split_ranks") == 2}
+    if extra is W4:  # N:M: the lone o_proj and down_proj are solved by rows on both ranks, the others by owner
+        assert split == {"o_proj", "down_proj"}
+    else:  # unstructured masks rank all rows together: never split
+        assert split == set()
 
 
 def test_rank_killed_after_block_resumes_to_the_same_result(tiny):
