@@ -39,13 +39,17 @@ ROWS = {
     "sparsegpt-4:8": ["--pattern", "4:8", "--bits", "none"],
     "sparsegpt-50%-unstructured": ["--pattern", "unstructured", "--sparsity", "0.5", "--bits", "none"],
     "sparsegpt-2:4+w4g128-asym-no-refit": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--asym",
-                                           "--no-refit-scales"],
-    "sparsegpt-2:4+w4g128-sym-hessian64": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym",
-                                          "--hessian-dtype", "float64"],
+                                           "--no-refit-scales", "--quant-order", "joint"],
+    "sparsegpt-2:4+w4g128-sym-joint": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym",
+                                       "--quant-order", "joint"],
+    "sparsegpt-2:4+w4g128-asym-joint": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--asym",
+                                        "--quant-order", "joint"],
+    "sparsegpt-2:4+w4g128-sym-joint-hessian64": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym",
+                                                 "--quant-order", "joint", "--hessian-dtype", "float64"],
     "sparsegpt-2:4+w4g128-sym-admm": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym",
                                       "--update", "admm"],
     "sparsegpt-2:4+w4g128-sym-plain-grid": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym",
-                                            "--no-fit-scales", "--no-clip-search", "--no-refit-scales"],
+                                            "--no-fit-scales", "--no-clip-search", "--no-refit-scales", "--quant-order", "joint"],
 }
 
 

@@ -400,13 +400,26 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             else:
                 res = SolveResult(weight=Wa, mask=mask, damp=obs.damp, damp_escalations=obs.damp_escalations,
                                   rel_error=admm_err, dead_inputs=obs.dead_inputs)
-        elif split is not None:
-            lo, hi = distmod.row_range(rows_, split)
-            res = sparsegpt_solve(Wd[lo:hi], H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency, **common)
-            res = _gather_rows(split, res, rows_, cols)
-            extra = {"row_split_ranks": split.world}
         else:
-            res = sparsegpt_solve(Wd, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency, **common)
+            def sweep(Wp: torch.Tensor) -> SolveResult:
+                if not (prune and quant is not None and config.quant_order == "after-mask"):
+                    return sparsegpt_solve(Wp, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency, **common)
+                # the mask and the OBS update first, unquantized; then the kept weights quantized on that mask
+                pruned = sparsegpt_solve(Wp, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency,
+                                         **{**common, "quant": None, "refit_scales": False})
+                out = sparsegpt_solve(pruned.weight, H, mask=pruned.mask, **common)
+                delta, Wf = (out.weight - Wp.float()).to(H.dtype), Wp.to(H.dtype)
+                out.error, out.norm = (delta.matmul(H) * delta).sum().item(), (Wf.matmul(H) * Wf).sum().item()
+                out.rel_error = out.error / out.norm if out.norm > 0 else 0.0
+                out.damp, out.damp_escalations = pruned.damp, pruned.damp_escalations
+                return out
+
+            if split is not None:
+                lo, hi = distmod.row_range(rows_, split)
+                res = _gather_rows(split, sweep(Wd[lo:hi]), rows_, cols)
+                extra = {"row_split_ranks": split.world}
+            else:
+                res = sweep(Wd)
         set_weight(module, res.weight)
         if store is not None:  # --offload disk: give the solve's freed scratch back now (it would pile up until the
             hostmem.trim()     # block ends, in heap holes that glibc returns only when trimmed)

@@ -145,13 +145,25 @@ def _choose_nm(tmp: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, c)
 
 
+def _smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of exactly ``k`` smallest entries of the 1-D ``flat``, ties at the threshold broken by position
+    (a k-th value selection: several times faster than ``topk`` when k is a large share of the entries)."""
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    thr = flat.kthvalue(k).values if flat.device.type == "cpu" else flat.topk(k, largest=False).values.max()
+    mask = flat < thr
+    need = k - int(mask.sum())
+    if need > 0:
+        mask[torch.nonzero(flat == thr).flatten()[:need]] = True
+    return mask
+
+
 def _choose_unstructured(tmp: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of exactly ``k`` smallest entries of ``tmp`` (ties broken by position)."""
-    mask = torch.zeros(tmp.numel(), dtype=torch.bool, device=tmp.device)
-    if k > 0:
-        idx = torch.topk(tmp.flatten(), k, largest=False).indices
-        mask[idx] = True
-    return mask.view_as(tmp)
+    return _smallest(tmp.flatten(), k).view_as(tmp)
 
 
 def sparsegpt_solve(
@@ -443,10 +455,13 @@ def admm_prune(
             cur = full * (1.0 - (1.0 - (t + 1) / mask_steps) ** 3)
             score = (X + U).abs() * obs_scale
             k = round(cur * score.numel())
-            if n:
+            if n:  # among the weights the N:M rule would drop, the k of smallest saliency
                 cand = _choose_nm(score, n, m)
-                score = score.masked_fill(~cand, float("inf"))
-            keep = ~_choose_unstructured(score, k)
+                drop = torch.zeros_like(cand)
+                drop[cand] = _smallest(score[cand], k)
+                keep = ~drop
+            else:
+                keep = ~_choose_unstructured(score, k)
         Z = (X + U) * keep
         U = U + X - Z
         X = (target + rho * (Z - U)).matmul(Ainv)

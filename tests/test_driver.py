@@ -74,10 +74,13 @@ def test_sub_sequential_order_feeds_compressed_outputs(calib):
     assert float((m2.model.layers[0].mlp.down_proj.weight == 0).float().mean()) < 0.01
 
 
-def test_chunked_matches_one_pass_masks(calib):
+@pytest.mark.parametrize("kw", [dict(quant_order="joint"), dict(hessian_dtype="float64")], ids=["joint", "after-mask-h64"])
+def test_chunked_matches_one_pass_masks(calib, kw):
+    # (after-mask's first sweep is unquantized: float32 Hessians summed in another order would carry their last-bit
+    # differences into 4-bit codes, so that case runs with float64 Hessians)
     m1, m2 = make_model("llama"), make_model("llama")
-    r1 = compress_model(m1, calib, _cfg(calib_batch_size=8), progress=False)
-    r2 = compress_model(m2, calib, _cfg(calib_batch_size=3), progress=False)
+    r1 = compress_model(m1, calib, _cfg(calib_batch_size=8, **kw), progress=False)
+    r2 = compress_model(m2, calib, _cfg(calib_batch_size=3, **kw), progress=False)
     for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
         assert n1 == n2
         torch.testing.assert_close(p1, p2, rtol=1e-3, atol=1e-3)
@@ -179,3 +182,29 @@ def test_resume_after_interruption_is_identical(calib, tmp_path):
     assert len(res.records) == 14
     with pytest.raises(ConfigError, match="another model, configuration"):
         compress_model(make_model("llama"), calib, _cfg(pattern="4:8"), progress=False, checkpoint_dir=ckpt, resume=True)
+
+
+@pytest.mark.parametrize("order", ["after-mask", "joint"])
+def test_quant_order(order, calib):
+    """after-mask: the first layer's mask is exactly the unquantized sweep's, then the kept weights sit on the grid;
+    its error (against the original weight) is above the unquantized one. joint: pattern and grid hold too."""
+    plain, quant = make_model("llama"), make_model("llama")
+    r0 = compress_model(plain, calib, _cfg(bits=None), progress=False)
+    r1 = compress_model(quant, calib, _cfg(quant_order=order), progress=False)
+    first = "model.layers.0.self_attn.q_proj"
+    w0, w1 = get_weight(dict(plain.named_modules())[first]), get_weight(dict(quant.named_modules())[first])
+    if order == "after-mask":
+        assert torch.equal(w0 == 0, w1 == 0) or bool(((w1 == 0) & (w0 != 0)).sum() < 0.02 * w1.numel())
+        assert torch.equal((w0 == 0) & (w1 == 0), w0 == 0)  # every pruned weight stays pruned
+    mods = dict(quant.named_modules())
+    for name, rec in r1.records.items():
+        assert nm_holds(get_weight(mods[name]), 2, 4) and _check_grid(get_weight(mods[name]), rec), name
+    e0 = {r["layer"]: r["rel_error"] for r in r0.report["layers"]}
+    e1 = {r["layer"]: r["rel_error"] for r in r1.report["layers"]}
+    assert e1[first] > e0[first]
+    assert r1.report["config"]["quant_order"] == order
+
+
+def test_quant_order_is_validated():
+    with pytest.raises(ConfigError, match="quant_order"):
+        _cfg(quant_order="later")
