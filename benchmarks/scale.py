@@ -38,6 +38,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _make(argv: list[str]) -> None:
+    """In a child process: the random model (once) and the calibration tokens."""
+    import torch
+    from safetensors.torch import save_file
+
+    model_dir, calib = Path(argv[0]), Path(argv[1])
+    layers, hidden, ffn, vocab, heads, nsamples, seqlen = map(int, argv[2:9])
+    build_model(model_dir, layers, hidden, ffn, vocab, heads, print)
+    g = torch.Generator().manual_seed(0)
+    save_file({"input_ids": torch.randint(0, vocab, (nsamples, seqlen), generator=g)}, str(calib))
+
+
 def build_model(folder: Path, layers: int, hidden: int, ffn: int, vocab: int, heads: int, log) -> int:
     """Save the random model once (seed 0); returns its bytes."""
     import torch
@@ -108,17 +120,20 @@ def main() -> int:
         logf.write(msg + "\n")
         logf.flush()
 
-    import torch
-    from safetensors.torch import save_file
-
-    log(f"=== benchmarks/scale.py {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()} "
-        f"({os.cpu_count()} cores), torch {torch.__version__}")
+    log(f"=== benchmarks/scale.py {time.strftime('%Y-%m-%d %H:%M:%S')} on {platform.node()} ({os.cpu_count()} cores)")
     model_dir = work / f"llama-{args.layers}x{args.hidden}x{args.ffn}"
-    model_bytes = build_model(model_dir, args.layers, args.hidden, args.ffn, args.vocab, args.heads, log)
-    log(f"model: {model_dir} {model_bytes / 2**30:.3f} GiB of safetensors")
     calib = work / f"calib-{args.nsamples}x{args.seqlen}.safetensors"
-    g = torch.Generator().manual_seed(0)
-    save_file({"input_ids": torch.randint(0, args.vocab, (args.nsamples, args.seqlen), generator=g)}, str(calib))
+    # the model and the tokens are made by a child process: a child's ru_maxrss starts at the RSS of the process it
+    # was forked from, so this one stays small (no torch) until the runs are done
+    made = subprocess.run([sys.executable, __file__, "--_make", str(model_dir), str(calib), str(args.layers),
+                           str(args.hidden), str(args.ffn), str(args.vocab), str(args.heads), str(args.nsamples),
+                           str(args.seqlen)], capture_output=True, text=True)
+    if made.returncode != 0:
+        raise RuntimeError(f"building the model failed: {made.stderr[-2000:]}")
+    if made.stdout.strip():
+        log(made.stdout.strip())
+    model_bytes = sum(os.path.getsize(f) for f in glob.glob(str(model_dir / "*.safetensors")))
+    log(f"model: {model_dir} {model_bytes / 2**30:.3f} GiB of safetensors")
     common = ["compress", str(model_dir), "--dataset", str(calib), "--nsamples", str(args.nsamples), "--seqlen",
               str(args.seqlen), "--pattern", "2:4", "--bits", "4", "--group-size", "128", "--device", "cpu",
               "--no-progress", "--overwrite"]
@@ -135,6 +150,7 @@ def main() -> int:
                                           "--out", str(work / "disk2")], log, envn)
     for r in rows.values():
         r["rss_over_model"] = round(r["peak_rss_mb"] * 2**20 / model_bytes, 4)
+    import torch
 
     mem, disk, disk2 = weights(work / "mem"), weights(work / "disk"), weights(work / "disk2")
     identical = sorted(mem) == sorted(disk) and all(torch.equal(mem[k], disk[k]) for k in mem)
@@ -189,4 +205,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_make":
+        _make(sys.argv[2:])
+        sys.exit(0)
     sys.exit(main())

@@ -407,7 +407,8 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
                 # the mask and the OBS update first, unquantized; then the kept weights quantized on that mask
                 pruned = sparsegpt_solve(Wp, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency,
                                          **{**common, "quant": None, "refit_scales": False})
-                out = sparsegpt_solve(pruned.weight, H, mask=pruned.mask, **common)
+                out = sparsegpt_solve(pruned.weight, H, mask=pruned.mask, factor=pruned.factor, **common)
+                pruned.factor = out.factor = None
                 delta, Wf = (out.weight - Wp.float()).to(H.dtype), Wp.to(H.dtype)
                 out.error, out.norm = (delta.matmul(H) * delta).sum().item(), (Wf.matmul(H) * Wf).sum().item()
                 out.rel_error = out.error / out.norm if out.norm > 0 else 0.0

@@ -97,6 +97,7 @@ class SolveResult:
     dead_inputs: int = 0
     error: float = 0.0  # tr((Wq - W) H (Wq - W)^T): rel_error's numerator (rows add up: a row slice's part)
     norm: float = 0.0  # tr(W H W^T): its denominator
+    factor: Optional[tuple] = None  # (U, damp, escalations): the inverse Cholesky factor, for a second sweep on H
 
     def codes(self, spec: QuantSpec) -> torch.Tensor:
         """Integer codes [rows, cols] (uint8) recovered from the weight and the scales."""
@@ -182,6 +183,7 @@ def sparsegpt_solve(
     saliency: str = "obs",
     mask: Optional[torch.Tensor] = None,
     name: str = "",
+    factor: Optional[tuple] = None,
 ) -> SolveResult:
     """Prune (N:M when ``n`` and ``m`` are set, else unstructured at ``sparsity``) and optionally quantize ``W``.
 
@@ -189,6 +191,8 @@ def sparsegpt_solve(
     drop: ``"obs"`` is SparseGPT's ``w^2 / [H^-1]_jj^2``, ``"isc"`` Shao et al.'s ``w^2 ([H]_jj + 1/[H^-1]_jj)``
     (``[H^-1]_jj`` the running OBS diagonal, ``U_jj^2``). ``mask`` (True = pruned) fixes the mask instead of
     choosing it: the sweep then only quantizes the kept weights and spreads the errors (used after ADMM).
+    ``factor``: the ``SolveResult.factor`` of an earlier sweep on the same ``H`` and ``damp``, reused instead of
+    factorising again.
     """
     if saliency not in SALIENCIES:
         raise SolverError(f"layer {name}: saliency {saliency!r} is not one of {SALIENCIES}")
@@ -208,7 +212,7 @@ def sparsegpt_solve(
         H = H.clone()
         H[dead, dead] = 1.0
     Wf[:, dead] = 0.0
-    U, used_damp, escalations = _inverse_cholesky(H, damp, name)
+    U, used_damp, escalations = factor if factor is not None else _inverse_cholesky(H, damp, name)
     if bool(dead.any()):
         H[dead, dead] = 0.0
     # ISC's [H]_jj term, on the damped diagonal the OBS factor was computed from
@@ -320,6 +324,7 @@ def sparsegpt_solve(
         dead_inputs=int(dead.sum().item()),
         error=num,
         norm=den,
+        factor=(U, used_damp, escalations),
     )
 
 
