@@ -56,7 +56,8 @@ class SparseGPTConfig:
         sensitivity rank between ``1-p-alpha`` and ``1-p+alpha``) or ``owl`` (outlier ratio per block, +-
         ``owl_lambda``, threshold ``owl_m`` x mean); the parameter-weighted average stays ``sparsity``.
     sensitivity: the score: ``hutchinson`` (loss-Hessian trace, ``probes`` Rademacher probes), ``fisher``
-        (squared gradients over ``probes`` windows) or ``proxy`` (trace of the layer Hessian x ||W||^2, no backward).
+        (squared gradients over ``probes`` windows), ``obd`` (the mean OBD saliency F_ii w_i^2 of the matrix's weights,
+        same passes) or ``proxy`` (trace of the layer Hessian x ||W||^2, no backward).
     sensitivity_cache: JSON file for the scores (reused when model, method, probes, seed and data match).
     dense_fraction: N:M only: the most sensitive fraction of the matrices stays dense (quantized when bits is set).
     mix_pattern, mix_fraction: N:M only: the most sensitive ``mix_fraction`` of the others get ``mix_pattern``

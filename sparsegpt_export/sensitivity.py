@@ -6,6 +6,9 @@ Scores (one float per prunable weight matrix, higher = more sensitive):
   mean of ``v^T (H v)`` over Rademacher probes ``v``, ``H v`` by double backward through the whole model, each
   probe on its own calibration window;
 - ``fisher``: the trace of the diagonal empirical Fisher, the sum of squared gradients (one backward per window);
+- ``obd``: the mean Optimal-Brain-Damage saliency of the matrix's weights, ``mean_i F_ii w_i^2`` with ``F`` that
+  diagonal Fisher: what removing one of its weights costs on average (per weight, so matrices of different sizes
+  compare; the same backward passes as ``fisher``);
 - ``proxy``: ``trace(H_layer) * ||W||^2`` with ``H_layer = 2 X^T X / n`` from a dense forward pass (no backward).
 
 Allocations (``allocate``): ``uniform``; ``sensitivity`` gives density linearly in rank between
@@ -31,7 +34,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("hutchinson", "fisher", "proxy")
+METHODS = ("hutchinson", "fisher", "obd", "proxy")
 ALLOCATIONS = ("uniform", "sensitivity", "owl")
 MAX_SPARSITY = 0.99
 
@@ -138,10 +141,13 @@ def _nullcontext():
 def _probe_loop(model, params, calib, it, method, dev, gen, totals) -> None:
     for k in it:
         ids = calib[k % calib.shape[0]:k % calib.shape[0] + 1].to(dev)
-        if method == "fisher":
+        if method in ("fisher", "obd"):
             grads = torch.autograd.grad(_loss(model, ids), params)
-            for i, g in enumerate(grads):
-                totals[i] += float(g.float().pow(2).sum())
+            for i, (g, p) in enumerate(zip(grads, params)):
+                if method == "fisher":
+                    totals[i] += float(g.float().pow(2).sum())
+                else:
+                    totals[i] += float((g.float() * p.detach().float()).pow(2).mean())
             continue
         grads = torch.autograd.grad(_loss(model, ids), params, create_graph=True)
         vs = [(torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8) * 2 - 1).to(p.device, p.dtype)

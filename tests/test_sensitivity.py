@@ -27,7 +27,7 @@ def _weighted(report) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- allocation
-@pytest.mark.parametrize("allocation,method", [("uniform", None), ("sensitivity", "proxy"), ("sensitivity", "fisher"),
+@pytest.mark.parametrize("allocation,method", [("uniform", None), ("sensitivity", "proxy"), ("sensitivity", "fisher"), ("sensitivity", "obd"),
                                               ("sensitivity", "hutchinson"), ("owl", None)])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_weighted_average_sparsity_equals_target(arch, allocation, method, calib):
@@ -137,6 +137,23 @@ def test_scores_are_deterministic_for_a_seed(calib):
     c = sens.estimate(model, names, calib, method="hutchinson", probes=2, seed=4)
     assert a == b and a != c
     assert sorted(a, key=a.get) == sorted(b, key=b.get)
+
+
+def test_obd_is_the_mean_fisher_saliency_of_the_weights(calib):
+    # one window: fisher = sum g^2, obd = mean (g w)^2 over the matrix, both from the same gradient
+    model = make_model("llama")
+    names = ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
+    one = calib[:1]
+    fisher = sens.estimate(model, names, one, method="fisher", probes=1, seed=0)
+    obd = sens.estimate(model, names, one, method="obd", probes=1, seed=0)
+    params = [model.get_submodule(n).weight for n in names]
+    loss = sens._loss(model, one)
+    grads = torch.autograd.grad(loss, params)
+    for n, g, w in zip(names, grads, params):
+        assert fisher[n] == pytest.approx(float(g.pow(2).sum()), rel=1e-4)
+        assert obd[n] == pytest.approx(float((g * w.detach()).pow(2).mean()), rel=1e-4)
+        assert obd[n] > 0
+    assert obd != fisher
 
 
 def test_too_few_tokens_for_the_probes():
