@@ -1,4 +1,5 @@
-"""``python -m benchmarks run --suite {gemm,e2e,compress,all} [--device cuda|cpu] [--quick] [--out DIR]``
+"""``python -m benchmarks run --suite {gemm,e2e,compress,all} [--device cuda|cpu] [--quick] [--out DIR]
+[--peer-python PYTHON | --install-peer]``
 
 Each suite writes ``<out>/<device-name>/<suite>.json``, a Markdown table (``.md``) and, with matplotlib, a
 PNG plot; the tables are printed last, with the ceilings (2x for 2:4 math; bytes per weight for decode).
@@ -29,6 +30,13 @@ def main(argv=None) -> int:
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run.add_argument("--quick", action="store_true", help="small shapes and models: tests the harness in a minute")
     run.add_argument("--out", default=str(RESULTS), help="results folder (a subfolder per device)")
+    run.add_argument("--peer-python", default=None,
+                     help="compress suite: a Python with llmcompressor, run beside ours (default: "
+                          "$SPARSEGPT_PEER_PYTHON, else ~/.cache/sparsegpt-export/llmcompressor-venv when it exists "
+                          "and not --quick)")
+    run.add_argument("--install-peer", action="store_true",
+                     help="compress suite: create ~/.cache/sparsegpt-export/llmcompressor-venv (torch and "
+                          "llmcompressor from the package index) when no peer Python is found")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -38,7 +46,8 @@ def main(argv=None) -> int:
     for name in (SUITES if args.suite == "all" else [args.suite]):
         fn, table, plot = SUITES[name]
         print(f"== {name} on {device}{' (quick)' if args.quick else ''}", flush=True)
-        res = fn(device, args.quick)
+        kw = dict(peer_python=args.peer_python, install=args.install_peer) if name == "compress" else {}
+        res = fn(device, args.quick, **kw)
         lines = table(res)
         folder = write_results(name, device, res, lines, Path(args.out), plot(res) if plot else None)
         tables.append(lines + ["", f"(written to {folder / name}.json/.md)"])

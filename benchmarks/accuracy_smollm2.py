@@ -6,7 +6,7 @@ WikiText-2 raw test and C4 validation rows [1000, 2000), 16 windows x 2048 token
 process (``python -m sparsegpt_export compress ...``): wall time includes loading and writing, peak resident
 memory is that process's own.
 
-Rows: unstructured 50/60/70% with uniform sparsity, sensitivity allocation (Hutchinson scores, OBS and ISC
+Rows: unstructured 50/60/70% with uniform sparsity, sensitivity allocation (Hutchinson or OBD scores, OBS and ISC
 saliency) and OWL; strict 2:4 with SparseGPT's OBS sweep, with the ADMM update (gradual mask), with the 10% most
 sensitive layers kept dense, and 2:4 + 4-bit g128 symmetric with ADMM. The sensitivity runs share one score cache
 (``sparsegpt-sensitivity.json`` beside their outputs), so the first of them pays for the Hutchinson probes and
@@ -38,15 +38,18 @@ def _unstructured(p: float, *extra: str) -> list[str]:
 
 
 SENS = ["--allocation", "sensitivity", "--sensitivity", "hutchinson"]
+OBD = ["--allocation", "sensitivity", "--sensitivity", "obd"]  # mean OBD saliency per matrix (32 windows)
 ROWS: dict[str, list[str] | None] = {  # in the order of the bars they decide
     "dense": None,
     "2:4 obs": ["--pattern", "2:4", *NONE],
     "2:4 admm": ["--pattern", "2:4", *NONE, "--update", "admm"],
     "70% uniform": _unstructured(0.7),
     "70% sensitivity obs": _unstructured(0.7, *SENS),
+    "70% sensitivity obd": _unstructured(0.7, *OBD),
     "2:4+w4g128 admm": ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym", "--update", "admm"],
     "50% uniform": _unstructured(0.5),
     "50% sensitivity obs": _unstructured(0.5, *SENS),
+    "50% sensitivity obd": _unstructured(0.5, *OBD),
     "70% sensitivity isc": _unstructured(0.7, *SENS, "--saliency", "isc"),
     "70% owl": _unstructured(0.7, "--allocation", "owl"),
     "2:4 dense-fraction 0.1": ["--pattern", "2:4", *NONE, *SENS[2:], "--dense-fraction", "0.1"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -268,67 +269,261 @@ def e2e_table(res: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- compress
-def _peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 1024 if sys.platform != "darwin" else r / 2**20
+PEER_VENV = Path.home() / ".cache" / "sparsegpt-export" / "llmcompressor-venv"
+PEER_SCRIPT = Path(__file__).with_name("peer_llmcompressor.py")
+PEER_HOWTO = ("pass --peer-python PYTHON (a Python with llmcompressor), set SPARSEGPT_PEER_PYTHON, or --install-peer "
+              f"(creates {PEER_VENV} with torch and llmcompressor)")
+_OURS = ("import json, resource, sys, time, torch\n"
+         "from sparsegpt_export.cli import main\n"
+         "cuda = '--device' in sys.argv and sys.argv[sys.argv.index('--device') + 1].startswith('cuda')\n"
+         "t0 = time.perf_counter(); rc = main(sys.argv[1:]); wall = time.perf_counter() - t0\n"
+         "r = {'rc': rc, 'wall_s': round(wall, 2),\n"
+         "     'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}\n"
+         "if cuda: r['peak_gpu_mb'] = round(torch.cuda.max_memory_allocated() / 2**20, 1)\n"
+         "print('OURS_RESULT ' + json.dumps(r)); sys.exit(rc)\n")
 
 
-def run_compress(device: str, quick: bool) -> dict[str, Any]:
-    """Our pass on a random-calibration Llama (tiny with --quick, ~1B on CUDA, SmolLM2-135M on CPU), and
-    llmcompressor's beside it when installed."""
-    from sparsegpt_export import SparseGPTQuantizer
+def install_peer(venv: Path = PEER_VENV) -> Path:
+    """llmcompressor in its own virtual environment (it pins its own transformers and compressed-tensors), with the
+    torch this process runs; returns its Python."""
+    import subprocess
+    import venv as venv_mod
+
+    py = venv / "bin" / "python"
+    if not py.exists():
+        venv_mod.create(venv, with_pip=True)
+    base = torch.__version__.split("+")[0]
+    for pkgs in ([f"torch=={base}"], ["llmcompressor"]):
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *pkgs], check=True)
+    return py
+
+
+def find_peer(peer_python: str | None, quick: bool) -> str | None:
+    """The Python that runs llmcompressor: --peer-python, else $SPARSEGPT_PEER_PYTHON, else (full runs only) the
+    default virtual environment when it exists."""
+    import os
+
+    p = peer_python or os.environ.get("SPARSEGPT_PEER_PYTHON")
+    if p:
+        return p
+    if not quick and (PEER_VENV / "bin" / "python").exists():
+        return str(PEER_VENV / "bin" / "python")
+    return None
+
+
+def _word_tokenizer(vocab_size: int):
+    """A stand-in tokenizer for a random model (one word per token id); the calibration tokens are given as ids."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    t.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="t0", pad_token="t0", eos_token="t1")
+
+
+def _nm_violation(folder: Path, n: int = 2, m: int = 4) -> dict[str, float]:
+    """Over the decoder blocks' linear weights saved in ``folder``: the fraction of groups of ``m`` consecutive
+    weights along the input dimension with more than ``n`` nonzeros, and the fraction of zeros."""
+    from safetensors import safe_open
+
+    groups = bad = zeros = total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                if not (".layers." in k or ".h." in k) or not k.endswith("proj.weight"):
+                    continue
+                w = sf.get_tensor(k)
+                if w.dim() != 2 or w.shape[1] % m:
+                    continue
+                nz = (w != 0).reshape(w.shape[0], -1, m).sum(-1)
+                groups += nz.numel()
+                bad += int((nz > n).sum())
+                zeros += int((w == 0).sum())
+                total += w.numel()
+    if not groups:
+        return {"skipped": f"no decoder linear weights found in {folder}"}
+    return {"nm_violating_groups": bad / groups, "zero_fraction": zeros / total}
+
+
+def _perplexity(folder: Path, eval_ids: torch.Tensor | None, text: str | None, windows: int, seqlen: int,
+                device: str) -> dict[str, Any]:
+    """Perplexity of the checkpoint in ``folder`` (float32) on ``text`` (its tokenizer) or on ``eval_ids``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    try:
+        if text is not None:
+            from transformers import AutoTokenizer
+
+            from sparsegpt_export.evaluation import perplexity
+
+            return {"ppl": perplexity(model, AutoTokenizer.from_pretrained(str(folder)), text, seqlen=seqlen,
+                                      windows=windows)["ppl"]}
+        nll = []
+        with torch.no_grad():
+            for row in eval_ids:
+                x = row.unsqueeze(0).to(device)
+                logits = model(input_ids=x, use_cache=False).logits.float()
+                nll.append(F.cross_entropy(logits[0, :-1], x[0, 1:]))
+        return {"ppl": float(torch.stack(nll).mean().exp())}
+    finally:
+        del model
+        gc.collect()
+
+
+def _subprocess(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple[int, float, float, str]:
+    """Runs ``cmd`` with its output to ``log_path``; (exit code, wall s, the child's peak RSS MB, output tail)."""
+    import os
+    import subprocess
+
+    t0 = time.perf_counter()
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    out = log_path.read_text(errors="replace")
+    return os.waitstatus_to_exitcode(status), wall, ru.ru_maxrss / 1024, out
+
+
+def run_compress(device: str, quick: bool, peer_python: str | None = None, install: bool = False) -> dict[str, Any]:
+    """The whole compression pass, each run its own process (wall time includes loading and writing; peak memory is
+    that process's): ours, and llmcompressor's beside it on the same model and the same calibration tokens
+    (``benchmarks/peer_llmcompressor.py`` under the peer's Python), then the perplexity and the 2:4 mask of every
+    output, measured by the same code. Models: a tiny random Llama with ``--quick``; a ~1B random Llama in float16
+    on CUDA; SmolLM2-135M-Instruct on the CPU (calibrated on the fixed C4 tokens of ../shared/data when present,
+    random tokens otherwise, evaluated on WikiText-2 when present)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from sparsegpt_export.calibration import load_eval_text
+
     cuda = device.startswith("cuda")
-    rows = []
-    for label, kw in (("2:4", dict(pattern="2:4", bits=None)), ("2:4 + w4g128", dict(pattern="2:4", bits=4))):
+    work = Path(tempfile.mkdtemp(prefix="bench-compress-"))
+    gen = torch.Generator().manual_seed(0)
+    text = None
+    windows, eval_seqlen = 16, 2048
+    if quick or cuda:
+        cfg = E2E_MODELS["tiny" if quick else "llama-1B"]
         torch.manual_seed(0)
-        if quick:
-            model, source = LlamaForCausalLM(LlamaConfig(**E2E_MODELS["tiny"])).eval(), "tiny random Llama"
-            nsamples, seqlen = 8, 64
-        elif cuda:
-            model = LlamaForCausalLM(LlamaConfig(**E2E_MODELS["llama-1B"])).to(torch.float16).eval()
-            source, nsamples, seqlen = "random Llama ~1B (float16)", 128, 2048
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+        model_dir = work / "model"
+        model.to(torch.float32 if quick else torch.float16).save_pretrained(model_dir)
+        del model
+        _word_tokenizer(cfg["vocab_size"]).save_pretrained(model_dir)  # llmcompressor wants one with its data
+        source = "tiny random Llama" if quick else "random Llama ~1B (float16)"
+        nsamples, seqlen = (8, 64) if quick else (128, 2048)
+        calib = work / "calib.safetensors"
+        save_file({"input_ids": torch.randint(0, cfg["vocab_size"], (nsamples, seqlen), generator=gen)}, str(calib))
+        calib_desc = f"{nsamples} x {seqlen} random tokens"
+        eval_ids = torch.randint(0, cfg["vocab_size"], (2, 64) if quick else (4, 2048), generator=gen)
+        eval_desc = f"{eval_ids.shape[0]} x {eval_ids.shape[1]} random tokens (random weights: checks the harness only)"
+    else:
+        from sparsegpt_export.models import resolve_model
+
+        model_dir, source, nsamples, seqlen = Path(resolve_model("smollm2-135m")), "SmolLM2-135M-Instruct", 128, 512
+        data = Path(os.environ.get("SPARSEGPT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+        calib = data / "calib-smollm2-c4-128x512.safetensors"
+        if calib.is_file():
+            calib_desc = f"{nsamples} x {seqlen} fixed C4 tokens ({calib.name})"
         else:
-            from sparsegpt_export.models import load_model
-
-            model, _ = load_model("smollm2-135m")
-            source, nsamples, seqlen = "SmolLM2-135M-Instruct", 128, 512
-        calib = torch.randint(0, model.config.vocab_size, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        q = SparseGPTQuantizer(**kw, group_size=128, dataset=calib, nsamples=nsamples, seqlen=seqlen, device=device)
-        t0 = time.perf_counter()
-        q.quantize_model(model, None)
-        wall = time.perf_counter() - t0
-        row = {"tool": "sparsegpt-export", "config": label, "model": source, "calibration": f"{nsamples} x {seqlen} random tokens",
-               "wall_s": wall, "peak_rss_mb_process": _peak_rss_mb(),
-               "profile_s": {k: v for k, v in q.report.get("profile", {}).items() if isinstance(v, (int, float))}}
-        if cuda:
-            row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        rows.append(row)
-        print(f"{label}: {wall:.1f} s", flush=True)
-        del model, q
-        gc.collect()
+            calib = work / "calib.safetensors"
+            save_file({"input_ids": torch.randint(0, 49152, (nsamples, seqlen), generator=gen)}, str(calib))
+            calib_desc = f"{nsamples} x {seqlen} random tokens"
+        wiki = data / "wikitext2-raw-test.txt"
+        eval_ids = None
+        if wiki.is_file():
+            text, eval_desc = load_eval_text(wiki), f"WikiText-2 raw test, {windows} x {eval_seqlen}"
+        else:
+            eval_desc = "skipped: ../shared/data/wikitext2-raw-test.txt is missing"
+    if install and not find_peer(peer_python, quick):
+        peer_python = str(install_peer())
+    peer = find_peer(peer_python, quick)
+    configs = [  # label, our flags, the peer's runs (a label suffix and its flags)
+        ("2:4", ["--pattern", "2:4", "--bits", "none"], [("", ["--recipe", "sparsegpt-2:4"])]),
+        ("2:4 + w4g128", ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym"],
+         [("", ["--recipe", "sparsegpt-2:4+gptq-w4a16", "--group-size", "128"]),
+          (" (bypass_divisibility_checks)", ["--recipe", "sparsegpt-2:4+gptq-w4a16", "--group-size", "128",
+                                             "--bypass-divisibility"]),
+          (" (workaround: groups of 64)", ["--recipe", "sparsegpt-2:4+gptq-w4a16", "--group-size", "64"])]),
+    ]
+    rows: list[dict[str, Any]] = []
+    base = {"model": source, "calibration": calib_desc, "evaluation": eval_desc}
+    common = ["--dataset", str(calib), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--device", device]
     try:
-        import llmcompressor  # noqa: F401
-
-        peer = {"skipped": "llmcompressor is installed, but the side-by-side run is not wired up in this harness yet"}
-    except ImportError:
-        peer = {"skipped": "llmcompressor is not installed (pip install llmcompressor, ideally into its own "
-                           "virtual environment, to compare)"}
-    rows.append({"tool": "llmcompressor", **peer})
-    return {"suite": "compress", "env": environment(device), "quick": quick, "rows": rows}
+        for label, ours, peers in configs:
+            runs = [("sparsegpt-export", label, [sys.executable, "-c", _OURS, "compress", str(model_dir), *common,
+                                                "--seed", "0", "--out", "OUT", "--overwrite", "--no-progress", *ours])]
+            for suffix, flags in peers:
+                runs.append(("llmcompressor", label + suffix,
+                             None if peer is None else [peer, str(PEER_SCRIPT), "--model", str(model_dir),
+                                                        "--calib", str(calib), "--nsamples", str(nsamples),
+                                                        "--seqlen", str(seqlen), "--device", device,
+                                                        "--out", "OUT", *flags]))
+            for i, (tool, cfg_label, cmd) in enumerate(runs):
+                row: dict[str, Any] = {"tool": tool, "config": cfg_label, **base}
+                rows.append(row)
+                if cmd is None:
+                    row["skipped"] = f"llmcompressor is not set up: {PEER_HOWTO}"
+                    continue
+                out = work / f"out-{len(rows)}"
+                cmd = [str(out) if c == "OUT" else c for c in cmd]
+                env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} if tool != "sparsegpt-export" else None
+                rc, wall, rss, output = _subprocess(cmd, work / f"log-{len(rows)}.txt", env)
+                row.update(wall_s=round(wall, 2), peak_rss_mb_process=round(rss, 1))
+                if tool == "sparsegpt-export":
+                    line = [x for x in output.splitlines() if x.startswith("OURS_RESULT ")]
+                    res = json.loads(line[-1][12:]) if line else {}
+                    if rc != 0 or not line:
+                        raise RuntimeError(f"our compress failed (exit {rc}):\n{output[-3000:]}")
+                    rep = json.loads((out / "sparsegpt_report.json").read_text())
+                    row.update(compress_s=rep["summary"]["wall_s"], mean_rel_error=rep["summary"]["mean_rel_error"],
+                               profile_s={k: v for k, v in rep.get("profile", {}).items()
+                                          if isinstance(v, (int, float))})
+                    if "peak_gpu_mb" in res:
+                        row["peak_gpu_mb"] = res["peak_gpu_mb"]
+                else:
+                    rp = out / "peer_result.json"
+                    res = json.loads(rp.read_text()) if rp.is_file() else {
+                        "failed": f"exit {rc}: " + " | ".join(output.strip().splitlines()[-3:])}
+                    row["peer"] = {k: v for k, v in res.items() if v is not None}
+                    if "failed" in res:
+                        row["skipped"] = f"llmcompressor failed: {res['failed'][:400]}"
+                        print(f"{tool} {cfg_label}: failed: {res['failed'][:200]}", flush=True)
+                        continue
+                    if "peak_gpu_mb" in res:
+                        row["peak_gpu_mb"] = res["peak_gpu_mb"]
+                row.update(_nm_violation(out))
+                if text is not None or eval_ids is not None:
+                    row.update(_perplexity(out, eval_ids, text, windows, eval_seqlen, device))
+                print(f"{tool} {cfg_label}: {wall:.1f} s, peak RSS {rss:.0f} MB, ppl {row.get('ppl', '-')}",
+                      flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"suite": "compress", "env": environment(device), "quick": quick, "rows": rows,
+            "peer": {"python": peer} if peer else {"skipped": f"llmcompressor is not set up: {PEER_HOWTO}"}}
 
 
 def compress_table(res: dict) -> list[str]:
-    lines = [f"compress on {res['env']['device_name']}", "",
-             "| tool | config | model | calibration | wall s | peak RSS MB | peak GPU MB |", "|---|---|---|---|---|---|---|"]
-    for r in res["rows"]:
+    rows = [r for r in res["rows"]]
+    head = rows[0] if rows else {}
+    lines = [f"compress on {res['env']['device_name']}: {head.get('model', '')}, calibration "
+             f"{head.get('calibration', '')}; perplexity on {head.get('evaluation', '')}", "",
+             "| tool | config | wall s | peak RSS MB | peak GPU MB | perplexity | groups of 4 over 2:4 | zeros |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['tool']} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['tool']} | {r['config']} | {r.get('wall_s', '-')} | | | skipped: {r['skipped']} | | |")
             continue
         gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
-        lines.append(f"| {r['tool']} | {r['config']} | {r['model']} | {r['calibration']} | {r['wall_s']:.1f} | "
-                     f"{r['peak_rss_mb_process']:.0f} | {gpu} |")
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+        viol = f"{r['nm_violating_groups']:.4f}" if "nm_violating_groups" in r else "-"
+        zeros = f"{r['zero_fraction']:.4f}" if "zero_fraction" in r else "-"
+        lines.append(f"| {r['tool']} | {r['config']} | {r['wall_s']:.1f} | {r['peak_rss_mb_process']:.0f} | {gpu} | "
+                     f"{ppl} | {viol} | {zeros} |")
     return lines

@@ -76,10 +76,11 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("mixed sparsity and the weight update (issue #7)")
     a.add_argument("--allocation", choices=["uniform", "sensitivity", "owl"], default="uniform",
                    help="per-matrix sparsity for unstructured pruning; the parameter-weighted average stays --sparsity")
-    a.add_argument("--sensitivity", choices=["hutchinson", "fisher", "obd", "proxy"], default="hutchinson",
-                   help="sensitivity score: loss-Hessian trace by Hutchinson probes (default), squared gradients, "
-                        "mean OBD saliency F_ii w_i^2 (obd), or trace(H_layer) x ||W||^2 (no backward)")
-    a.add_argument("--probes", type=int, default=32, help="Hutchinson probes / Fisher windows (default 32)")
+    a.add_argument("--sensitivity", choices=["hutchinson", "fisher", "obd", "proxy"], default="obd",
+                   help="sensitivity score: mean OBD saliency F_ii w_i^2 of the matrix (obd, default), loss-Hessian "
+                        "trace by Hutchinson probes, squared gradients (fisher), or trace(H_layer) x ||W||^2 (proxy, "
+                        "no backward)")
+    a.add_argument("--probes", type=int, default=32, help="Hutchinson probes / Fisher and OBD windows (default 32)")
     a.add_argument("--alpha", type=float, default=0.1, help="sensitivity allocation: density 1-p +- alpha (default 0.1)")
     a.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: sparsity spread +- lambda (default 0.08)")
     a.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, x the block mean (default 5)")
