@@ -17,11 +17,12 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * PAGE / 2**20
 stack = ["startup"]
+block = [-1]  # the block at work (set by the fetch of --offload disk)
 peak = collections.defaultdict(float)
 timeline = []
 def sampler():
     while True:
-        r = rss(); lab = "/".join(stack[-3:])
+        r = rss(); lab = f"b{block[0]}:" + "/".join(stack[-3:])
         if r > peak[lab]: peak[lab] = r
         time.sleep(0.005)
 threading.Thread(target=sampler, daemon=True).start()
@@ -29,6 +30,8 @@ import sparsegpt_export.driver as drv, sparsegpt_export.offload as off, sparsegp
 def wrap(obj, name, label):
     f = getattr(obj, name)
     def g(*a, **k):
+        if label == "fetch":
+            block[0] = a[1]
         stack.append(label)
         try: return f(*a, **k)
         finally:
@@ -45,12 +48,18 @@ wrap(drv, "_save_checkpoint", "ckpt")
 wrap(drv.HessianAccumulator, "add", "hess")
 wrap(sol, "_inverse_cholesky", "invchol")
 wrap(sol, "_refit_scales", "refit")
+try:  # the block's own parts, for Llama-architecture models
+    from transformers.models.llama import modeling_llama as ml
+    wrap(ml.LlamaAttention, "forward", "attn")
+    wrap(ml.LlamaMLP, "forward", "mlp")
+except ImportError:
+    pass
 from sparsegpt_export.cli import main
 try:
     main(sys.argv[1:])
 finally:
     print("PEAKS (MB) by phase:")
-    for k, v in sorted(peak.items(), key=lambda x: -x[1])[:25]:
+    for k, v in sorted(peak.items(), key=lambda x: -x[1])[:40]:
         print(f"  {v:8.1f}  {k}")
     import resource
     print("ru_maxrss MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

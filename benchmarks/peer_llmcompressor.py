@@ -44,6 +44,12 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--eval-text", default=None,
+                    help="a .txt file: also the perplexity of the model as llmcompressor leaves it in memory (windows "
+                         "of --eval-seqlen consecutive tokens, as sparsegpt_export.evaluation.perplexity), to check "
+                         "that the written checkpoint is the model it made")
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-seqlen", type=int, default=2048)
     args = ap.parse_args()
     out = Path(args.out)
     if out.exists():
@@ -74,7 +80,8 @@ def main() -> int:
         if args.device != "cpu":
             model = model.to(args.device)
         tok = AutoTokenizer.from_pretrained(args.model)  # oneshot wants a processor even for token ids
-        recipe = [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["lm_head"])]
+        # "re:.*lm_head": a bare "lm_head" does not match the name SparseGPTModifier gives a top-level target ("lm_head.")
+        recipe = [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["re:.*lm_head"])]
         if "gptq" in args.recipe:
             from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
             from llmcompressor.modifiers.quantization import GPTQModifier
@@ -91,6 +98,22 @@ def main() -> int:
         result["oneshot_s"] = round(time.perf_counter() - t0, 2)
         if args.device.startswith("cuda"):
             result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        eval_s = 0.0
+        if args.eval_text:
+            import math
+
+            import torch.nn.functional as F
+
+            text = Path(args.eval_text).read_text(encoding="utf-8").replace("\r\n", "\n")
+            ids_e = tok(text, return_tensors="pt").input_ids[0]
+            nlls = []
+            with torch.no_grad():
+                for i in range(min(args.eval_windows, ids_e.numel() // args.eval_seqlen)):
+                    x = ids_e[i * args.eval_seqlen:(i + 1) * args.eval_seqlen].unsqueeze(0).to(args.device)
+                    logits = model(input_ids=x, use_cache=False).logits.float()
+                    nlls.append(F.cross_entropy(logits[0, :-1], x[0, 1:]).item())
+            result["in_process_ppl"] = math.exp(sum(nlls) / len(nlls))
+            eval_s = time.perf_counter() - t0 - result["oneshot_s"]
         # a plain float checkpoint: llmcompressor leaves each module's weight as its quantized-dequantized value
         drop = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_global_scale")
         sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
@@ -103,7 +126,7 @@ def main() -> int:
         cfg["torch_dtype"] = cfg["dtype"] = "float32"
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
         tok.save_pretrained(out)
-        result["wall_s"] = round(time.perf_counter() - t_start, 2)
+        result["wall_s"] = round(time.perf_counter() - t_start - eval_s, 2)  # without the check's evaluation
         code = 0
     except Exception as e:  # the failure is a result: the suite reports it beside ours
         tb = traceback.format_exc()

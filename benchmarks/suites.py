@@ -344,7 +344,18 @@ def _nm_violation(folder: Path, n: int = 2, m: int = 4) -> dict[str, float]:
                 total += w.numel()
     if not groups:
         return {"skipped": f"no decoder linear weights found in {folder}"}
-    return {"nm_violating_groups": bad / groups, "zero_fraction": zeros / total}
+    head = head_total = 0  # the output projection (or the tied embedding): neither tool should prune it
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            for k in sf.keys():
+                if k.endswith(("lm_head.weight", "embed_tokens.weight", "wte.weight", "embed_in.weight")):
+                    w = sf.get_tensor(k)
+                    head += int((w == 0).sum())
+                    head_total += w.numel()
+    out = {"nm_violating_groups": bad / groups, "zero_fraction": zeros / total}
+    if head_total:
+        out["head_zero_fraction"] = head / head_total
+    return out
 
 
 def _perplexity(folder: Path, eval_ids: torch.Tensor | None, text: str | None, windows: int, seqlen: int,
@@ -447,8 +458,6 @@ def run_compress(device: str, quick: bool, peer_python: str | None = None, insta
         ("2:4", ["--pattern", "2:4", "--bits", "none"], [("", ["--recipe", "sparsegpt-2:4"])]),
         ("2:4 + w4g128", ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym"],
          [("", ["--recipe", "sparsegpt-2:4+gptq-w4a16", "--group-size", "128"]),
-          (" (bypass_divisibility_checks)", ["--recipe", "sparsegpt-2:4+gptq-w4a16", "--group-size", "128",
-                                             "--bypass-divisibility"]),
           (" (workaround: groups of 64)", ["--recipe", "sparsegpt-2:4+gptq-w4a16", "--group-size", "64"])]),
     ]
     rows: list[dict[str, Any]] = []
@@ -463,6 +472,7 @@ def run_compress(device: str, quick: bool, peer_python: str | None = None, insta
                              None if peer is None else [peer, str(PEER_SCRIPT), "--model", str(model_dir),
                                                         "--calib", str(calib), "--nsamples", str(nsamples),
                                                         "--seqlen", str(seqlen), "--device", device,
+                                                        "--dtype", "float16" if cuda and not quick else "float32",
                                                         "--out", "OUT", *flags]))
             for i, (tool, cfg_label, cmd) in enumerate(runs):
                 row: dict[str, Any] = {"tool": tool, "config": cfg_label, **base}
@@ -514,16 +524,18 @@ def compress_table(res: dict) -> list[str]:
     head = rows[0] if rows else {}
     lines = [f"compress on {res['env']['device_name']}: {head.get('model', '')}, calibration "
              f"{head.get('calibration', '')}; perplexity on {head.get('evaluation', '')}", "",
-             "| tool | config | wall s | peak RSS MB | peak GPU MB | perplexity | groups of 4 over 2:4 | zeros |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| tool | config | wall s | peak RSS MB | peak GPU MB | perplexity | groups of 4 over 2:4 | zeros | "
+             "zeros of embedding / lm_head |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['tool']} | {r['config']} | {r.get('wall_s', '-')} | | | skipped: {r['skipped']} | | |")
+            why = " ".join(str(r["skipped"]).split())[:240]  # one table line
+            lines.append(f"| {r['tool']} | {r['config']} | {r.get('wall_s', '-')} | | | skipped: {why} | | | |")
             continue
         gpu = f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
         viol = f"{r['nm_violating_groups']:.4f}" if "nm_violating_groups" in r else "-"
         zeros = f"{r['zero_fraction']:.4f}" if "zero_fraction" in r else "-"
+        head = f"{r['head_zero_fraction']:.4f}" if "head_zero_fraction" in r else "-"
         lines.append(f"| {r['tool']} | {r['config']} | {r['wall_s']:.1f} | {r['peak_rss_mb_process']:.0f} | {gpu} | "
-                     f"{ppl} | {viol} | {zeros} |")
+                     f"{ppl} | {viol} | {zeros} | {head} |")
     return lines

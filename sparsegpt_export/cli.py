@@ -67,6 +67,8 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clip-search", dest="clip_search", action="store_false", help="plain min/max grid, no clipping search")
     p.add_argument("--no-refit-scales", dest="refit_scales", action="store_false",
                    help="keep the scales chosen during the sweep instead of refitting them to the final codes")
+    p.add_argument("--no-stack-shared-inputs", dest="stack_shared_inputs", action="store_false",
+                   help="solve q/k/v and gate/up one layer at a time instead of in one sweep over their stacked rows")
     p.add_argument("--quant-order", choices=["after-mask", "joint"], default="after-mask",
                    help="with --bits and pruning: choose the mask first, then quantize on it in a second sweep "
                         "(after-mask, default), or mask and quantize in one sweep (joint)")
@@ -115,7 +117,7 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
 
 
 _CONFIG_KEYS = ("pattern", "sparsity", "bits", "group_size", "sym", "damp", "blocksize", "mask_blocksize",
-                "hessian_dtype", "fit_scales_to_kept", "clip_search", "refit_scales", "quantize_lm_head", "scale_dtype", "targets", "ignore",
+                "hessian_dtype", "fit_scales_to_kept", "clip_search", "refit_scales", "stack_shared_inputs", "quantize_lm_head", "scale_dtype", "targets", "ignore",
                 "allocation", "sensitivity", "probes", "alpha", "owl_lambda", "owl_m", "sensitivity_cache",
                 "dense_fraction", "mix_pattern", "mix_fraction", "saliency", "update", "refine_steps", "admm_mask", "quant_order",
                 "on_incompatible", "dataset", "nsamples", "seqlen", "seed", "calib_batch_size", "device")

@@ -50,6 +50,9 @@ class SparseGPTConfig:
     bits: 2..8 for joint quantization of the kept weights, or ``None`` for no quantization.
     group_size: quantization group along the input dimension (e.g. 32/64/128), or ``None``/``-1`` per channel.
     sym: symmetric grid (codes ``0..2^b-1`` around the fixed zero point ``2^(b-1)``) or asymmetric.
+    stack_shared_inputs: layers that share one input and are solved row by row alike (q/k/v, gate/up under N:M or
+        quantization alone) are solved in one sweep over their stacked rows: the same algorithm per row, fewer column
+        steps (faster on the CPU, where the sweep's per-column work dominates).
     quantize_lm_head: also quantize the output projection to ``bits`` with the same solver (never pruned; its
         calibration inputs are the final norm's outputs). A tied lm_head is untied: the embedding stays float.
     allocation: per-matrix sparsity for ``unstructured``: ``uniform``, ``sensitivity`` (density linear in the
@@ -88,6 +91,7 @@ class SparseGPTConfig:
     fit_scales_to_kept: bool = True
     clip_search: bool = True
     refit_scales: bool = True
+    stack_shared_inputs: bool = True
     quantize_lm_head: bool = False
     allocation: str = "uniform"
     sensitivity: str = "obd"

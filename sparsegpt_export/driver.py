@@ -31,7 +31,7 @@ from . import distributed as distmod
 from . import hostmem
 from .config import ConfigError, SparseGPTConfig, parse_pattern
 from .quant import QuantSpec
-from .solver import HessianAccumulator, SolveResult, SolverError, admm_prune, layer_error, sparsegpt_solve
+from .solver import HessianAccumulator, SolveResult, SolverError, admm_prune, layer_error, quad_form, sparsegpt_solve
 
 logger = logging.getLogger(__name__)
 
@@ -362,16 +362,20 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
         if d is None or d.is_main:
             shutil.rmtree(ckpt, ignore_errors=True)
 
+    def layer_setup(lname: str, prune: bool) -> tuple[str, bool, int, int, float]:
+        pattern = plan["pattern"].get(lname, config.pattern)
+        prune = prune and config.prunes and pattern != "dense"
+        ln, lm = parse_pattern(pattern) if prune else (0, 0)
+        sparsity = plan["sparsity"].get(lname, config.sparsity) if prune else 0.0
+        return pattern, prune, ln, lm, sparsity
+
     def solve(lname: str, module: nn.Module, H: torch.Tensor, prune: bool = True, split: Any = None) -> None:
         """Solve one layer; with ``split`` (the ranks), this rank solves its share of the rows and the shares are
         exchanged (only for row-separable problems: see ``_row_separable``)."""
         W = get_weight(module)
         rows_, cols = W.shape
         t0 = time.perf_counter()
-        pattern = plan["pattern"].get(lname, config.pattern)
-        prune = prune and config.prunes and pattern != "dense"
-        ln, lm = parse_pattern(pattern) if prune else (0, 0)
-        sparsity = plan["sparsity"].get(lname, config.sparsity) if prune else 0.0
+        pattern, prune, ln, lm, sparsity = layer_setup(lname, prune)
         if prune and ln and cols % lm:
             msg = f"layer {lname}: {cols} input columns are not a multiple of M={lm}; left dense"
             if config.on_incompatible == "error":
@@ -379,6 +383,13 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             warnings.warn(msg)
             rows.append({"layer": lname, "pattern": "skipped", "warning": msg, "shape": [rows_, cols]})
             return
+        res, extra = layer_result(lname, W, H, prune, ln, lm, sparsity, split)
+        record(lname, module, res, extra, pattern, prune, t0)
+
+    def layer_result(lname: str, W: torch.Tensor, H: torch.Tensor, prune: bool, ln: int, lm: int, sparsity: float,
+                     split: Any = None, measure: bool = True) -> tuple[SolveResult, dict]:
+        """The solved weight of one layer (or of stacked layers: ``measure=False``, their errors are the caller's)."""
+        rows_, cols = W.shape
         common = dict(quant=quant, blocksize=config.blocksize, mask_blocksize=config.mask_blocksize, damp=config.damp,
                       fit_scales_to_kept=config.fit_scales_to_kept, refit_scales=config.refit_scales, name=lname)
         extra: dict[str, Any] = {}
@@ -403,15 +414,16 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
         else:
             def sweep(Wp: torch.Tensor) -> SolveResult:
                 if not (prune and quant is not None and config.quant_order == "after-mask"):
-                    return sparsegpt_solve(Wp, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency, **common)
+                    return sparsegpt_solve(Wp, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency,
+                                           measure=measure, **common)
                 # the mask and the OBS update first, unquantized; then the kept weights quantized on that mask
                 pruned = sparsegpt_solve(Wp, H, sparsity=sparsity, n=ln, m=lm, saliency=config.saliency,
-                                         **{**common, "quant": None, "refit_scales": False})
+                                         measure=False, **{**common, "quant": None, "refit_scales": False})
                 out = sparsegpt_solve(pruned.weight, H, mask=pruned.mask, factor=pruned.factor, **common)
                 pruned.factor = out.factor = None
-                delta, Wf = (out.weight - Wp.float()).to(H.dtype), Wp.to(H.dtype)
-                out.error, out.norm = (delta.matmul(H) * delta).sum().item(), (Wf.matmul(H) * Wf).sum().item()
-                out.rel_error = out.error / out.norm if out.norm > 0 else 0.0
+                if measure:  # against the weights before both sweeps
+                    out.error, out.norm = quad_form(out.weight, H, Wp), quad_form(Wp, H)
+                    out.rel_error = out.error / out.norm if out.norm > 0 else 0.0
                 out.damp, out.damp_escalations = pruned.damp, pruned.damp_escalations
                 return out
 
@@ -421,6 +433,11 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
                 extra = {"row_split_ranks": split.world}
             else:
                 res = sweep(Wd)
+        return res, extra
+
+    def record(lname: str, module: nn.Module, res: SolveResult, extra: dict, pattern: str, prune: bool,
+               t0: float) -> None:
+        rows_, cols = res.weight.shape
         set_weight(module, res.weight)
         if store is not None:  # --offload disk: give the solve's freed scratch back now (it would pile up until the
             hostmem.trim()     # block ends, in heap holes that glibc returns only when trimmed)
@@ -447,12 +464,44 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             logger.warning("layer %s: Cholesky failed, damping raised to %g", lname, res.damp)
         prof["solve_s"] += time.perf_counter() - t0
 
+    def solve_stacked(members: list[tuple[str, nn.Module]], H: torch.Tensor, prune: bool = True) -> None:
+        """Layers that share one input (q/k/v, gate/up): when their solve is row by row and alike (same pattern,
+        sparsity and columns), one sweep over their rows stacked, which gives each row what its own layer's sweep
+        would (N:M masks, grids and the OBS update are per row) in fewer column steps; else one by one."""
+        setups = [layer_setup(ln, prune) for ln, _ in members]
+        weights = [get_weight(mod) for _, mod in members]
+        alike = len(members) > 1 and len(set(setups)) == 1 and len({w.shape[1] for w in weights}) == 1
+        pattern, prune_, ln_, lm_, sparsity = setups[0]
+        if not (alike and config.stack_shared_inputs and _row_separable(config, plan, [n for n, _ in members], prune)
+                and not (prune_ and ln_ and weights[0].shape[1] % lm_)):
+            for name, mod in members:
+                solve(name, mod, H, prune)
+            return
+        t0 = time.perf_counter()
+        res, extra = layer_result(members[0][0], torch.cat([w.to(device) for w in weights]), H, prune_, ln_, lm_,
+                                  sparsity, measure=False)
+        del weights
+        each = (time.perf_counter() - t0) / len(members)
+        lo = 0
+        for name, mod in members:
+            r = get_weight(mod).shape[0]
+            part = SolveResult(weight=res.weight[lo:lo + r], mask=res.mask[lo:lo + r],
+                               scales=res.scales[lo:lo + r] if res.scales is not None else None,
+                               zeros=res.zeros[lo:lo + r] if res.zeros is not None else None,
+                               damp=res.damp, damp_escalations=res.damp_escalations, dead_inputs=res.dead_inputs)
+            W0 = get_weight(mod).to(device)
+            part.error, part.norm = quad_form(part.weight, H, W0), quad_form(W0, H)
+            part.rel_error = part.error / part.norm if part.norm > 0 else 0.0
+            del W0
+            record(name, mod, part, {**extra, "stacked_with": [n for n, _ in members if n != name]}, pattern, prune_,
+                   time.perf_counter() - each)
+            lo += r
+
     def solve_group(members: list[tuple[str, nn.Module]], acc: HessianAccumulator, prune: bool = True) -> None:
         """Solve layers that share one input. With several ranks: the Hessian is all-reduced, each rank solves its
         share of the layers, and every result is broadcast from the rank that solved it."""
         if d is None:
-            for ln, mod in members:
-                solve(ln, mod, acc.H, prune)
+            solve_stacked(members, acc.H, prune)
             return
         H, _ = distmod.all_reduce_hessian(d, acc.H, acc.nsamples)
         shapes = [tuple(get_weight(mod).shape) for _, mod in members]
@@ -475,6 +524,7 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
         rows[:] = [x for x in rows if x.get("layer") not in names] + got
 
     bar = _Progress(progress, len(blocks), "SparseGPT")
+    shared_rel: Optional[list[list[str]]] = None  # one-pass schedule: layers that share an input, by block-relative name
     for _ in range(start_block):
         bar.update()
     try:
@@ -490,7 +540,13 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             t_block = time.perf_counter()
             hooks_time = [0.0]
             if len(chunks) == 1 and d is None and not spill:
-                outs = [_one_pass(block, chunks[0], todo, solve, hdtype, prof, hooks_time, bar)]
+                rel = {k[len(f"{path}.{bi}."):]: k for k in todo}
+                if config.stack_shared_inputs and shared_rel is None:  # learned on the first block, checked later
+                    shared_rel = [[n[len(f"{path}.{bi}."):] for n in g]
+                                  for g in shared_input_groups(block, chunks[0], todo)]
+                groups = [[rel[r] for r in g if r in rel] for g in (shared_rel or [])]
+                outs = [_one_pass(block, chunks[0], todo, solve, hdtype, prof, hooks_time, bar, groups,
+                                  solve_stacked)]
             else:
                 work = _OnDevice(chunks, device) if spill else chunks
                 _staged(block, work, todo, solve_group, hdtype, prof, hooks_time, bar)
@@ -641,16 +697,65 @@ class _OnDevice:
         return len(self.chunks)
 
 
-def _one_pass(block, chunk, todo, solve, hdtype, prof, hooks_time, bar) -> torch.Tensor:
-    """All windows at once: each layer is solved in its pre-hook, so the forward continues on compressed weights."""
+def shared_input_groups(block: nn.Module, chunk, todo: dict[str, nn.Module]) -> list[list[str]]:
+    """The layers of ``todo`` that read one and the same input tensor (q/k/v, gate/up), in call order, from a
+    forward of the block on the first window of ``chunk`` (the weights are not touched). Layers that share
+    nothing form groups of one. Keyword tensors whose first dimension is the batch are cut to the window too."""
+    seen: list[tuple[str, tuple]] = []
+    alive: list[torch.Tensor] = []  # inputs held for the forward: no later tensor can reuse their address
+    handles = [mod.register_forward_pre_hook(
+        lambda _m, args, name=name: (seen.append((name, (args[0].data_ptr(), tuple(args[0].shape)))),
+                                     alive.append(args[0]))[0] and None)
+        for name, mod in todo.items()]
+    hs, kw = chunk
+    b = hs.shape[0]
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == b and b > 1:
+            return v[:1]
+        if isinstance(v, tuple):
+            return tuple(cut(t) for t in v)
+        return v
+
+    try:
+        with torch.no_grad():
+            block(hs[:1], **{k: cut(v) for k, v in kw.items()})
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last = None
+    for name, key in seen:
+        if groups and key == last and name not in groups[-1]:
+            groups[-1].append(name)
+        elif not any(name in g for g in groups):
+            groups.append([name])
+        last = key
+    return groups
+
+
+def _one_pass(block, chunk, todo, solve, hdtype, prof, hooks_time, bar, groups=None, solve_many=None) -> torch.Tensor:
+    """All windows at once: each layer is solved in its pre-hook, so the forward continues on compressed weights.
+    ``groups`` (lists of the names in ``todo`` that share an input, from ``shared_input_groups``): such a group is
+    solved at once by ``solve_many`` in the pre-hook of its first layer; the others' hooks check that they do get
+    the same input."""
     cache: dict = {}
     handles = []
+    group_of = {n: g for g in (groups or []) if len(g) > 1 and solve_many is not None for n in g}
+    solved: dict[str, tuple] = {}
 
     def make_hook(lname):
         def hook(mod, args):
             t0 = time.perf_counter()
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape))
+            if lname in solved:
+                if solved[lname] != key:
+                    raise SolverError(
+                        f"layer {lname}: it was solved with {group_of[lname][0]}, whose input it shared in the "
+                        "first block, but here its input differs; rerun with --no-stack-shared-inputs")
+                hooks_time[0] += time.perf_counter() - t0
+                return
             if cache.get("key") != key:
                 cache.clear()
                 th = time.perf_counter()
@@ -659,7 +764,12 @@ def _one_pass(block, chunk, todo, solve, hdtype, prof, hooks_time, bar) -> torch
                 prof["hessian_s"] += time.perf_counter() - th
                 cache.update(key=key, x=x, H=acc.H)
             bar.postfix(lname.rsplit(".", 2)[-2] + "." + lname.rsplit(".", 1)[-1])
-            solve(lname, mod, cache["H"])
+            grp = group_of.get(lname)
+            if grp is not None and grp[0] == lname:
+                solve_many([(n, todo[n]) for n in grp], cache["H"])
+                solved.update({n: key for n in grp})
+            else:
+                solve(lname, mod, cache["H"])
             hooks_time[0] += time.perf_counter() - t0
         return hook
 

@@ -184,6 +184,7 @@ def sparsegpt_solve(
     mask: Optional[torch.Tensor] = None,
     name: str = "",
     factor: Optional[tuple] = None,
+    measure: bool = True,
 ) -> SolveResult:
     """Prune (N:M when ``n`` and ``m`` are set, else unstructured at ``sparsity``) and optionally quantize ``W``.
 
@@ -192,7 +193,8 @@ def sparsegpt_solve(
     (``[H^-1]_jj`` the running OBS diagonal, ``U_jj^2``). ``mask`` (True = pruned) fixes the mask instead of
     choosing it: the sweep then only quantizes the kept weights and spreads the errors (used after ADMM).
     ``factor``: the ``SolveResult.factor`` of an earlier sweep on the same ``H`` and ``damp``, reused instead of
-    factorising again.
+    factorising again. ``measure=False`` skips the layer error (``error``, ``norm`` and ``rel_error`` stay 0) where
+    the caller measures it itself.
     """
     if saliency not in SALIENCIES:
         raise SolverError(f"layer {name}: saliency {saliency!r} is not one of {SALIENCIES}")
@@ -306,11 +308,10 @@ def sparsegpt_solve(
     Wq[mask] = 0.0  # exact zeros (also of dead inputs already zeroed)
     if quant is not None and refit_scales:
         Wq, scales, num, den = _refit_scales(Wq, W0, H, scales, quant)
+    elif measure:
+        num, den = quad_form(Wq, H, W0), quad_form(W0, H)
     else:
-        delta = (Wq - W0).to(hdtype)
-        Wd = W0.to(hdtype)
-        num = (delta.matmul(H) * delta).sum().item()
-        den = (Wd.matmul(H) * Wd).sum().item()
+        num = den = 0.0
     rel = num / den if den > 0 else 0.0
     return SolveResult(
         weight=Wq,
@@ -339,8 +340,8 @@ def _refit_scales(Wq, W0, H, scales, spec: QuantSpec):
     Returns ``(weight, scales, error, norm)``: the layer's ``sum (Wq-W) H (Wq-W)^T`` and ``sum W H W^T``.
     """
     rows, cols = Wq.shape
-    # rows are independent: do them in slices so that the float64 copies stay about 16 MB each
-    step = max(1, (16 << 20) // (8 * cols))
+    # rows are independent: do them in slices so that the float64 copies stay about 4 MB each
+    step = max(1, (4 << 20) // (8 * cols))
     if rows > step:
         parts = [_refit_scales(Wq[r:r + step], W0[r:r + step], H, scales[r:r + step], spec) for r in range(0, rows, step)]
         return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), sum(p[2] for p in parts),
@@ -394,9 +395,23 @@ def _provisional_mask(Wf, U, sparsity, n, m, hdiag=None):
 
 def layer_error(Wq: torch.Tensor, W0: torch.Tensor, H: torch.Tensor) -> float:
     """``tr((Wq - W0) H (Wq - W0)^T) / tr(W0 H W0^T)``: the layer's relative output error on the calibration inputs."""
-    delta, Wd = (Wq - W0).to(H.dtype), W0.to(H.dtype)
-    den = (Wd.matmul(H) * Wd).sum().item()
-    return (delta.matmul(H) * delta).sum().item() / den if den > 0 else 0.0
+    den = quad_form(W0, H)
+    return quad_form(Wq, H, W0) / den if den > 0 else 0.0
+
+
+def quad_form(A: torch.Tensor, H: torch.Tensor, minus: Optional[torch.Tensor] = None,
+              slice_bytes: int = 4 << 20) -> float:
+    """``tr(D H D^T)`` for ``D = A - minus`` (or ``A``), in ``H``'s dtype, by row slices of about ``slice_bytes`` so
+    that the temporaries stay small beside a large layer."""
+    rows, cols = A.shape
+    step = max(1, slice_bytes // (H.element_size() * cols))
+    total = 0.0
+    for r in range(0, rows, step):
+        a = A[r:r + step].to(H.dtype)
+        if minus is not None:
+            a = a - minus[r:r + step].to(H.dtype)
+        total += (a.matmul(H) * a).sum().item()
+    return total
 
 
 def admm_prune(

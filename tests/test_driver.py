@@ -208,3 +208,31 @@ def test_quant_order(order, calib):
 def test_quant_order_is_validated():
     with pytest.raises(ConfigError, match="quant_order"):
         _cfg(quant_order="later")
+
+
+@pytest.mark.parametrize("arch,pattern,bits", [("llama", "2:4", 4), ("opt", "4:8", None), ("qwen2", "dense", 4)])
+def test_stacked_shared_inputs_give_the_layer_by_layer_result(calib, arch, pattern, bits):
+    """q/k/v and gate/up solved in one sweep over their stacked rows: every weight bit-identical to solving them
+    one by one, the same per-layer errors, and the partners named in the report."""
+    results = []
+    for stack in (True, False):
+        model = make_model(arch)
+        cfg = SparseGPTConfig(pattern=pattern, bits=bits, group_size=16 if bits else None, stack_shared_inputs=stack)
+        rep = compress_model(model, calib, cfg, progress=False).report
+        results.append((model.state_dict(), rep["layers"]))
+    (sd_s, rows_s), (sd_1, rows_1) = results
+    assert all(torch.equal(sd_s[k], sd_1[k]) for k in sd_1)
+    stacked = [r for r in rows_s if "stacked_with" in r]
+    assert len(stacked) >= 3 * 2 and not any("stacked_with" in r for r in rows_1)  # q/k/v of both blocks at least
+    assert any(r["layer"].endswith("q_proj") and len(r["stacked_with"]) == 2 for r in stacked)
+    by_name = {r["layer"]: r for r in rows_1}
+    for r in rows_s:
+        assert r["rel_error"] == pytest.approx(by_name[r["layer"]]["rel_error"], rel=1e-6, abs=1e-12)
+        assert r["sparsity"] == by_name[r["layer"]]["sparsity"]
+
+
+def test_unstructured_layers_are_never_stacked(calib):
+    """An unstructured mask ranks the weights of all rows together: stacking would change it, so it is not done."""
+    rep = compress_model(make_model("llama"), calib, SparseGPTConfig(pattern="unstructured", sparsity=0.5, bits=None),
+                         progress=False).report
+    assert rep["layers"] and not any("stacked_with" in r for r in rep["layers"])
