@@ -175,14 +175,16 @@ def _available_bytes(device: torch.device) -> int:
         return 8 << 30
 
 
-def auto_batch_size(model: nn.Module, nsamples: int, seqlen: int, device: torch.device) -> int:
-    """How many calibration windows go through a block at once: all of them when the activations fit."""
+def auto_batch_size(model: nn.Module, nsamples: int, seqlen: int, device: torch.device,
+                    budget: Optional[float] = None) -> int:
+    """How many calibration windows go through a block at once: all of them when the activations fit in
+    ``budget`` bytes (default: 35% of the device's free memory)."""
     cfg = getattr(model, "config", None)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 16)
     per_sample = seqlen * (8 * hidden + 4 * inter) * 4 + heads * seqlen * seqlen * 4
-    budget = 0.35 * _available_bytes(device)
+    budget = 0.35 * _available_bytes(device) if budget is None else budget
     return max(1, min(nsamples, int(budget // max(per_sample, 1))))
 
 
@@ -307,7 +309,16 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
                            model=f"{model_name}|{type(model).__name__}|{len(blocks)}")
         progress = progress and d.is_main
     local = distmod.shard(calib, d)
-    batch = config.calib_batch_size or auto_batch_size(model, local.shape[0], seqlen, device)
+    if config.calib_batch_size:
+        batch = config.calib_batch_size
+    elif store is not None and device.type == "cpu":
+        # streaming from disk to save host memory: a chunk's block-forward activations stay about one block's size
+        # (the windows then go through each block in chunks, one early-stopped forward per group of layers)
+        block_bytes = sum(p.numel() for p in blocks[0].parameters()) * store.dtype.itemsize
+        batch = auto_batch_size(model, local.shape[0], seqlen, device, budget=block_bytes)
+    else:
+        batch = auto_batch_size(model, local.shape[0], seqlen, device)
+    logger.info("calibration: %d windows per block forward (%d chunks)", batch, -(-local.shape[0] // batch))
     was_training = model.training
     model.eval()
     use_cache = getattr(getattr(model, "config", None), "use_cache", None)
