@@ -135,6 +135,11 @@ def run_compress(args: argparse.Namespace) -> int:
         parser_defaults = _compress_defaults()
         values = {**base, **{k: v for k, v in values.items() if v != parser_defaults.get(k)}}
     config = SparseGPTConfig.from_dict(values)
+    if args.offload == "disk":
+        # before anything large is built (see sparsegpt_export.hostmem; from_pretrained does it too, for the API)
+        from . import hostmem
+
+        hostmem.returns_memory()
     check_writable(args.out, overwrite=args.overwrite or args.resume)
     if args.offload_dir:
         from .offload import check_dir

@@ -84,6 +84,10 @@ class SparseGPTQuantizer(_Base):
         if offload == "disk":
             from transformers import AutoTokenizer
 
+            from . import hostmem
+
+            hostmem.returns_memory()  # before anything large is built: see sparsegpt_export.hostmem
+
             path = resolve_model(str(model_or_path))
             q.model = load_skeleton(path, dtype)
             try:
