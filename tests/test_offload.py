@@ -155,3 +155,21 @@ def test_disk_offload_chunks_windows_to_about_one_block(in_memory, tmp_path, mon
     assert report["calib_batch_size"] == 2  # block / (block/3 + 1) rounds down to 2
     assert compress_tiny(saved, tmp_path / "mem2", "--calib-batch-size", "2") == 0
     _same_output(tmp_path / "mem2", tmp_path / "disk")
+
+
+def test_disk_offload_pins_host_memory_before_building_anything(in_memory, monkeypatch):
+    """glibc's mmap threshold is pinned before the skeleton is built (pinned later, the heap grew block after
+    block); the in-memory path leaves it alone."""
+    import sparsegpt_export.hostmem as hostmem
+    import sparsegpt_export.offload as offload
+
+    _, (model_dir, _) = in_memory
+    calls: list[str] = []
+    monkeypatch.setattr(hostmem, "returns_memory", lambda: calls.append("pin"))
+    real = offload.load_skeleton
+    monkeypatch.setattr(offload, "load_skeleton", lambda *a, **k: (calls.append("skeleton"), real(*a, **k))[1])
+    SparseGPTQuantizer.from_pretrained(str(model_dir), pattern="2:4", bits=None, offload="disk")
+    assert calls[:2] == ["pin", "skeleton"]
+    calls.clear()
+    SparseGPTQuantizer.from_pretrained(str(model_dir), pattern="2:4", bits=None, offload="cpu")
+    assert "pin" not in calls
