@@ -20,7 +20,8 @@ tm = AutoModelForCausalLM.from_pretrained(str(W / src), dtype=torch.float32).eva
 want = B.Loop(tm).prefill(ids).logits[0].numpy()
 del tm
 POL = {"all4": [], "all1": ["*"], "down1": ["mlp.down_proj"], "o1": ["self_attn.o_proj"], "qkv1": ["q_k_v_proj"],
-       "gateup1": ["gate_up_proj"], "lm1": ["lm_head"], "down+o1": ["mlp.down_proj", "self_attn.o_proj"]}
+       "gateup1": ["gate_up_proj"], "lm1": ["lm_head"], "down+o1": ["mlp.down_proj", "self_attn.o_proj"],
+       "qkv+gateup1": ["q_k_v_proj", "gate_up_proj"], "qkv+gateup+o1": ["q_k_v_proj", "gate_up_proj", "self_attn.o_proj"]}
 pols = sys.argv[3].split(",") if len(sys.argv) > 3 else list(POL)
 base = onnx.load(str(W / name / "model.onnx"))
 loops = {}
