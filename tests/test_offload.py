@@ -173,3 +173,30 @@ def test_disk_offload_pins_host_memory_before_building_anything(in_memory, monke
     calls.clear()
     SparseGPTQuantizer.from_pretrained(str(model_dir), pattern="2:4", bits=None, offload="cpu")
     assert "pin" not in calls
+
+
+def test_out_of_memory_is_one_clear_error_and_resumes(in_memory, tmp_path, monkeypatch, capsys):
+    """A process (a rank under torchrun) that runs out of memory in the middle of the run: exit code 1, a message
+    naming the rank and what to lower, nothing at --out, and --resume finishes with the in-memory result."""
+    import sparsegpt_export.driver as driver
+
+    root, saved = in_memory
+    real, calls = driver.sparsegpt_solve, []
+
+    def solve(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:  # inside the second block
+            raise MemoryError()
+        return real(*a, **k)
+
+    monkeypatch.setattr(driver, "sparsegpt_solve", solve)
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "out"
+    assert compress_tiny(saved, out) == 1
+    err = capsys.readouterr().err
+    assert "out of memory on rank 1" in err and "--resume" in err and "--calib-batch-size" in err
+    assert not out.exists()
+    monkeypatch.setattr(driver, "sparsegpt_solve", real)
+    monkeypatch.delenv("RANK")
+    assert compress_tiny(saved, out, "--resume") == 0
+    _same_output(root / "mem", out)
