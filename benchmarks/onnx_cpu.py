@@ -1,10 +1,12 @@
 """Benchmark: SmolLM2-135M 2:4 + 4-bit as ONNX graphs in ONNX Runtime on CPU, against the float32 graph and torch.
 
-    python benchmarks/onnx_cpu.py [--threads 2] [--repeats 5] [--onnx-graph gqa|traced] [--work DIR] [--out DIR]
+    python benchmarks/onnx_cpu.py [--threads 2] [--repeats 5] [--smooth-alpha 0.6] [--onnx-graph gqa|traced]
+                                  [--work DIR] [--out DIR]
 
 1. compress (unless ``--work`` already holds the outputs): SmolLM2-135M-Instruct to 2:4 + 4-bit g128 symmetric on
-   the fixed calibration tokens (``calib-smollm2-c4-128x512.safetensors``, 128 x 512), once as is and once with
-   ``--quantize-lm-head``;
+   the fixed calibration tokens (``calib-smollm2-c4-128x512.safetensors``, 128 x 512) with ``--smooth-alpha 0.6``
+   (activation smoothing, for the int8 activations of accuracy_level 4; ``--smooth-alpha 0`` for none), once as is
+   and once with ``--quantize-lm-head``;
 2. export three graphs with the CLI (``--onnx-graph gqa`` unless told otherwise): ``--onnx-quant none`` (float32,
    the baseline), ``matmulnbits`` (float lm_head) and ``matmulnbits`` of the ``--quantize-lm-head`` output, both
    at the default ``accuracy_level`` 4;
@@ -151,7 +153,10 @@ def main() -> int:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--ppl-windows", type=int, default=16)
-    ap.add_argument("--work", default=str(Path.home() / ".cache" / "sparsegpt-export" / "bench-onnx"))
+    ap.add_argument("--smooth-alpha", type=float, default=0.6,
+                    help="compress with --smooth-alpha (default 0.6; 0: none), see benchmarks/onnx_smoothing.py")
+    ap.add_argument("--work", default=None,
+                    help="work folder (default ~/.cache/sparsegpt-export/bench-onnx, -smooth<alpha> when smoothing)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--ort-fusions", action="store_true",
                     help="export the graphs with --ort-fusions cpu (into <work>/<graph>-fused; results onnx_cpu_fused.*)")
@@ -170,7 +175,9 @@ def main() -> int:
     graph_kind = "traced" if args.ort_fusions else args.onnx_graph
     stem = "onnx_cpu_fused" if args.ort_fusions else {"gqa": "onnx_cpu", "traced": "onnx_cpu_traced"}[graph_kind]
     log = Log(out_dir / f"{stem}.log")
-    work = Path(args.work)
+    alpha = args.smooth_alpha
+    work = Path(args.work) if args.work else (
+        Path.home() / ".cache" / "sparsegpt-export" / ("bench-onnx" + (f"-smooth{alpha:g}" if alpha else "")))
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     torch.set_num_threads(args.threads)
@@ -185,9 +192,12 @@ def main() -> int:
 
     # 1-2. compress and export ------------------------------------------------------------------------------
     src = {"plain": work / "c-plain", "lmhead": work / "c-lmhead"}
+    smooth = ["--smooth-alpha", str(alpha)] if alpha else []
+    result["smooth_alpha"] = alpha
     for key, extra in (("plain", []), ("lmhead", ["--quantize-lm-head"])):
-        if not (src[key] / "sparsegpt_config.json").is_file():
-            sh([py, "-m", "sparsegpt_export", "compress", "smollm2-135m", *COMPRESS, *extra, "--out", str(src[key]),
+        cfg = src[key] / "sparsegpt_config.json"
+        if not cfg.is_file() or json.loads(cfg.read_text()).get("smooth_alpha", 0.0) != alpha:
+            sh([py, "-m", "sparsegpt_export", "compress", "smollm2-135m", *COMPRESS, *smooth, *extra, "--out", str(src[key]),
                 "--overwrite", "--no-progress"], log)
         else:
             log(f"reusing {src[key]}")
@@ -290,7 +300,8 @@ def main() -> int:
 
     # report -------------------------------------------------------------------------------------------------------
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = [f"SmolLM2-135M-Instruct 2:4 + int4 g128 sym, ONNX Runtime {ort.__version__} CPU, {args.threads} threads"
+    md = [f"SmolLM2-135M-Instruct 2:4 + int4 g128 sym" + (f" (--smooth-alpha {alpha:g})" if alpha else "")
+          + f", ONNX Runtime {ort.__version__} CPU, {args.threads} threads"
           f", {graph_kind} graph{' exported with --ort-fusions cpu' if args.ort_fusions else ''}; "
           f"median (min-max) of {args.repeats} runs; prefill {args.prefill} tokens, decode {args.decode} new tokens.", "",
           "| variant | prefill ms | decode tok/s | decode vs float32 ONNX | prefill speedup |", "|---|---|---|---|---|"]

@@ -33,7 +33,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="onnx: 4-bit layers as com.microsoft.MatMulNBits (default), as opset-21 INT4 "
                         "DequantizeLinear + MatMul (qdq), or a float32 graph (none)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
-                   help="onnx: MatMulNBits accuracy_level (default 4: int8 activations on CPU; 0/1: float)")
+                   help="onnx: MatMulNBits accuracy_level (default 4: int8 activations on CPU, closest to the "
+                        "torch model when compressed with --smooth-alpha; 0/1: float)")
     p.add_argument("--ort-fusions", choices=["cpu", "cuda"], default=None,
                    help="onnx: fuse norms, rotary embeddings (and attention where matched) into ONNX Runtime's own "
                         "ops for that provider; the graph then runs on ONNX Runtime only (traced graph)")

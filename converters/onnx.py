@@ -306,7 +306,8 @@ def _build_gqa(model, layers: dict[str, dict], onnx_quant: str, accuracy_level: 
 
     Linear layers that read the same input (q/k/v, gate/up) and are all 4-bit with the same block size and zero
     point choice, or all float, are packed into one MatMulNBits (rows stacked: codes and scales unchanged) or one
-    MatMul, and split after it: fewer, larger matmuls per decode step."""
+    MatMul, and split after it (the packed q/k/v goes into GroupQueryAttention unsplit): fewer, larger matmuls and
+    fewer nodes per decode step."""
     import onnx_ir as ir
 
     nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
@@ -317,7 +318,7 @@ def _build_gqa(model, layers: dict[str, dict], onnx_quant: str, accuracy_level: 
         spec = layers[name]
         return matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
 
-    def linear(g, items: list, x) -> list:
+    def linear(g, items: list, x, split: bool = True) -> list:
         names = [n for n, _ in items]
         biases = [getattr(m, "bias", None) for _, m in items]
         outputs = [int(m.weight.shape[0]) for _, m in items]
@@ -363,7 +364,7 @@ def _build_gqa(model, layers: dict[str, dict], onnx_quant: str, accuracy_level: 
                                 for b, o in zip(biases, outputs)])
             y = g.op("Add", [y, g.initializer(f"{label}.bias", b)], f"{label}/Add")
         written.update(names)
-        if len(items) == 1:
+        if len(items) == 1 or not split:
             return [y]
         sizes = g.const(f"{label}.split", np.array(outputs, np.int64))
         return g.op("Split", [y, sizes], f"{label}/Split", num_outputs=len(items), axis=-1)
@@ -502,6 +503,10 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
     meta = {
         "onnx_quant": onnx_quant,
         "onnx_graph": onnx_graph,
+        # the gqa graph rotates inside GroupQueryAttention, which takes a prompt's positions from the cache length
+        # (0, 1, ... whatever the padding) and only later steps' from position_ids: runners feed every row's
+        # absolute index, the same relative positions as transformers' for left-padded rows
+        "positions": "absolute" if onnx_graph == "gqa" else "position_ids",
         "ort_fusions": ort_fusions,
         "accuracy_level": accuracy_level if onnx_quant == "matmulnbits" else None,
         "pattern": patterns[0] if len(patterns) == 1 else patterns,
@@ -523,7 +528,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
         "inputs": [v.name for v in program.graph.inputs], "outputs": [v.name for v in program.graph.outputs],
         "num_layers": sum(1 for v in program.graph.inputs if v.name.endswith(".keys")),
         "initializer_bytes": weights, **nbytes,
-        **{k: meta[k] for k in ("onnx_quant", "onnx_graph", "ort_fusions", "accuracy_level", "pattern", "sparsity", "bits")},
+        **{k: meta[k] for k in ("onnx_quant", "onnx_graph", "positions", "ort_fusions", "accuracy_level", "pattern",
+                                "sparsity", "bits")},
     }
     with atomic_dir(out, overwrite) as tmp:
         ir.save(program, str(tmp / MODEL_FILE), external_data=sidecar["external_data"])

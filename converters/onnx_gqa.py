@@ -10,11 +10,13 @@ traced graph so that `OnnxCausalLM` runs either:
   residual adds;
 - the linear layers as ``com.microsoft.MatMulNBits`` from our codes (or ``DequantizeLinear`` + ``MatMul``, or
   float ``MatMul``), exactly as in the traced graph, except that q/k/v and gate/up, which read the same input, are
-  packed into one matmul each (their rows stacked, codes and scales unchanged) and split after it;
-- ``com.microsoft.RotaryEmbedding`` on the query and key with the model's own cos/sin tables (``position_ids``
-  as given, so left-padded batches keep transformers' positions);
-- ``com.microsoft.GroupQueryAttention`` over the past keys and values (no repeated heads), the padding of
-  ``attention_mask`` passed as ``attention_bias``;
+  packed into one matmul each (their rows stacked, codes and scales unchanged); gate/up is split after it, the
+  packed q/k/v goes into the attention as it is;
+- ``com.microsoft.GroupQueryAttention`` over the past keys and values (no repeated heads), the rotary embedding
+  done inside it (``do_rotary``) with the model's own cos/sin tables at ``position_ids`` as given (so left-padded
+  batches keep transformers' positions), the padding of ``attention_mask`` passed as ``attention_bias``. Packed
+  q/k/v and the rotary inside take 90 small nodes per decode step off SmolLM2's graph (a Split and two
+  RotaryEmbedding per layer);
 - SiLU as ``com.microsoft.QuickGelu`` with alpha 1 (x·sigmoid(x)).
 
 Supported: ``llama``, ``mistral`` and ``qwen2`` checkpoints with SiLU MLPs, a full-length attention (no sliding
@@ -64,9 +66,10 @@ def _rope_tables(model) -> tuple[np.ndarray, np.ndarray]:
 def build(model, linear: Callable, opset: int = 21):
     """The ``gqa`` graph of ``model`` as an ``onnx_ir.Model``.
 
-    ``linear(graph, [(name, module), ...], x)`` adds the nodes of linear layers that share the input value ``x``
-    (``name`` the module path) and returns their output values; the caller decides MatMulNBits, QDQ or float per
-    layer, and may pack layers of the same kind into one matmul (q/k/v, gate/up) split afterwards.
+    ``linear(graph, [(name, module), ...], x, split=True)`` adds the nodes of linear layers that share the input
+    value ``x`` (``name`` the module path) and returns their output values; the caller decides MatMulNBits, QDQ or
+    float per layer, and may pack layers of the same kind into one matmul (q/k/v, gate/up) split afterwards; with
+    ``split=False`` it may return the packed output alone (one value for all the layers, their outputs concatenated).
     """
     import onnx_ir as ir
 
@@ -113,17 +116,15 @@ def build(model, linear: Callable, opset: int = 21):
         p = f"model.layers.{i}"
         attn = layer.self_attn
         h, residual = _norm(g, p + ".input_layernorm", layer.input_layernorm, hidden, residual, eps)
-        q, k, v = linear(g, [(p + ".self_attn.q_proj", attn.q_proj), (p + ".self_attn.k_proj", attn.k_proj),
-                             (p + ".self_attn.v_proj", attn.v_proj)], h)
-        q = g.op("RotaryEmbedding", [q, position_ids, cos_cache, sin_cache], p + ".self_attn/rotary_q",
-                 domain="com.microsoft", num_heads=heads, interleaved=0)
-        k = g.op("RotaryEmbedding", [k, position_ids, cos_cache, sin_cache], p + ".self_attn/rotary_k",
-                 domain="com.microsoft", num_heads=kv_heads, interleaved=0)
+        qkv = linear(g, [(p + ".self_attn.q_proj", attn.q_proj), (p + ".self_attn.k_proj", attn.k_proj),
+                         (p + ".self_attn.v_proj", attn.v_proj)], h, split=False)
+        q, k, v = (qkv[0], None, None) if len(qkv) == 1 else qkv  # packed: the query input holds all three
         out, present_k, present_v = g.op(
             "GroupQueryAttention",
-            [q, k, v, past[i][0], past[i][1], seqlens_k, total_scalar, None, None, None, bias],
+            [q, k, v, past[i][0], past[i][1], seqlens_k, total_scalar, cos_cache, sin_cache, position_ids, bias],
             p + ".self_attn/GroupQueryAttention", domain="com.microsoft", num_outputs=3,
-            num_heads=heads, kv_num_heads=kv_heads, scale=float(getattr(attn, "scaling", head_dim ** -0.5)))
+            num_heads=heads, kv_num_heads=kv_heads, scale=float(getattr(attn, "scaling", head_dim ** -0.5)),
+            do_rotary=1, rotary_interleaved=0)
         g.output(present_k, f"output.past_key_values.layers.{i}.keys", f32, ["batch", kv_heads, "total_sequence", head_dim])
         g.output(present_v, f"output.past_key_values.layers.{i}.values", f32, ["batch", kv_heads, "total_sequence", head_dim])
         (hidden,) = linear(g, [(p + ".self_attn.o_proj", attn.o_proj)], out)

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import distributed as distmod
 from . import hostmem
+from . import smoothing
 from .config import ConfigError, SparseGPTConfig, parse_pattern
 from .quant import QuantSpec
 from .solver import HessianAccumulator, SolveResult, SolverError, admm_prune, layer_error, quad_form, sparsegpt_solve
@@ -534,6 +535,7 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             got.append(_share_result(d, r, ln, mod, records, rows))
         rows[:] = [x for x in rows if x.get("layer") not in names] + got
 
+    smoothed: list[dict] = []
     bar = _Progress(progress, len(blocks), "SparseGPT")
     shared_rel: Optional[list[list[str]]] = None  # one-pass schedule: layers that share an input, by block-relative name
     for _ in range(start_block):
@@ -546,6 +548,17 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
                 store.fetch(bi, block, device)
             else:
                 block.to(device)
+            if config.smooth_alpha:
+                t = time.perf_counter()
+                if not smoothing.plan(block):
+                    raise ConfigError(
+                        f"smooth_alpha: block {path}.{bi} ({type(block).__name__}) has none of the Llama-style pairs it "
+                        "smooths (input_layernorm -> self_attn.q/k/v_proj, post_attention_layernorm -> "
+                        "mlp.gate/up_proj, mlp.up_proj -> mlp.down_proj, self_attn.v_proj -> self_attn.o_proj)")
+                factors = smoothing.smooth_block(block, _OnDevice(chunks, device) if spill else chunks,
+                                                 config.smooth_alpha, d)
+                smoothed.append({"block": bi, "max_abs_log2_factor": factors})
+                prof["smooth_s"] = prof.get("smooth_s", 0.0) + time.perf_counter() - t
             lins = {f"{path}.{bi}.{k}": v for k, v in block_linears(block).items()}
             todo = {k: v for k, v in lins.items() if _selected(k, config)}
             t_block = time.perf_counter()
@@ -619,6 +632,8 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
         "profile": {k: round(v, 3) for k, v in prof.items()},
         "warnings": [r["warning"] for r in rows if "warning" in r] + plan["notes"],
     }
+    if config.smooth_alpha:
+        report["smoothing"] = {"alpha": config.smooth_alpha, "windows": smoothing.WINDOWS, "blocks": smoothed}
     if plan["method"]:
         report["allocation"] = {k: plan.get(k) for k in ("method", "sensitivity", "cache", "notes", "dense", "mixed")}
     if config.update == "admm":

@@ -67,6 +67,7 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         self.session = session
         self.model_dir = model_dir
         self.share_kv_buffer = False
+        self.export_info: dict = {}
         # no weights: a zero-size buffer gives the model its device and dtype (inputs and outputs live on the CPU)
         self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
         if session is not None:
@@ -150,7 +151,12 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask = attention_mask.cpu().long()
         if attention_mask.shape[1] != past_len + seq:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} positions, the cache and input {past_len + seq}")
-        if position_ids is None:
+        if self.export_info.get("positions") == "absolute":
+            # rotary inside GroupQueryAttention (see converters.onnx): each row's absolute index, whatever the
+            # caller's position_ids; a left-padded row is shifted by its padding everywhere, keys and queries alike,
+            # so its attention (relative positions) is transformers'
+            position_ids = torch.arange(past_len, past_len + seq).expand(batch, seq)
+        elif position_ids is None:
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy()}
         if "position_ids" in self._inputs:

@@ -326,10 +326,13 @@ def test_gqa_graph_matches_torch(tmp_path, arch):
     onnx_export.export(tmp_path / "c", tmp_path / "gqa", accuracy_level=0)
     proto = onnx.load(str(tmp_path / "gqa" / "model.onnx"))
     ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("GroupQueryAttention") == ops.count("RotaryEmbedding") // 2 == 2
-    assert ops.count("MatMulNBits") == 8 and ops.count("Split") == 4 and "Transpose" not in ops
+    assert ops.count("GroupQueryAttention") == 2 and "RotaryEmbedding" not in ops  # the rotary inside the attention
+    gqa = [n for n in proto.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == n.input[2] == "" and n.input[9] == "position_ids" for n in gqa)  # q/k/v packed
+    assert ops.count("MatMulNBits") == 8 and ops.count("Split") == 2 and "Transpose" not in ops  # gate/up split
     model = OnnxCausalLM.from_pretrained(tmp_path / "gqa", num_threads=1)
     assert model.export_info["onnx_graph"] == "gqa" and model.share_kv_buffer
+    assert model.export_info["positions"] == "absolute"  # the runner feeds each row's index (see OnnxCausalLM)
     assert [i.name for i in model.session.get_inputs()][:3] == ["input_ids", "attention_mask", "position_ids"]
     ids = torch.randint(3, 256, (2, 200), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)

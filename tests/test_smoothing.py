@@ -1,0 +1,107 @@
+"""Activation smoothing before compression (`sparsegpt_export.smoothing`, ``smooth_alpha``)."""
+import pytest
+import torch
+
+from conftest import make_model, nm_holds
+from sparsegpt_export import smoothing
+from sparsegpt_export.config import ConfigError, SparseGPTConfig
+from sparsegpt_export.driver import _first_hidden, capture_block_inputs, compress_model, find_blocks
+
+
+def _with_outliers(arch: str):
+    """A tiny model whose norm outputs and down_proj inputs have outlier channels, as real LLMs do."""
+    model = make_model(arch)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 17]] *= 40.0
+            layer.post_attention_layernorm.weight[5] *= 40.0
+            layer.mlp.up_proj.weight[[7, 9]] *= 30.0
+    return model
+
+
+def _q_input_ratio(model, ids) -> float:
+    """max / median of the RMS of the first q_proj's input channels."""
+    got = {}
+    h = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+        lambda m, a: got.__setitem__("x", a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    rms = got["x"].pow(2).mean(0).sqrt()
+    return float(rms.max() / rms.median())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_smoothing_keeps_the_function_and_flattens_outliers(arch, calib):
+    model = _with_outliers(arch)
+    ids = calib[:4]
+    with torch.no_grad():
+        want = model(ids).logits
+    before = _q_input_ratio(model, ids)
+    _, blocks = find_blocks(model)
+    assert [p[1] for p in smoothing.plan(blocks[0])] == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj",
+                                                         "self_attn.v_proj"]
+    chunks = capture_block_inputs(model, blocks, calib, 8, torch.device("cpu"))
+    o_before = blocks[0].self_attn.o_proj.weight.clone()
+    for block in blocks:
+        factors = smoothing.smooth_block(block, chunks, 0.5)
+        assert set(factors) == {"self_attn.q_proj+self_attn.k_proj+self_attn.v_proj", "mlp.gate_proj+mlp.up_proj",
+                                "mlp.down_proj", "self_attn.o_proj"}
+        with torch.no_grad():
+            chunks = [(_first_hidden(block(hs, **kw)), kw) for hs, kw in chunks]
+    with torch.no_grad():
+        got = model(ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-5  # the same function
+    after = _q_input_ratio(model, ids)
+    assert after < before / 3, (before, after)  # the outlier channels pulled in
+    # o_proj's columns move together for the query heads that share a key/value head
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    ratio = (blocks[0].self_attn.o_proj.weight / o_before)[0].view(kv, heads // kv, -1)
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5)
+
+
+def test_compress_with_smoothing(calib):
+    cfg = SparseGPTConfig(pattern="2:4", bits=4, group_size=32, nsamples=8, seqlen=32, smooth_alpha=0.5)
+    assert SparseGPTConfig.from_dict(cfg.to_dict()).smooth_alpha == 0.5
+    plain = _with_outliers("llama")
+    smooth = _with_outliers("llama")
+    ids = calib[:4]
+    with torch.no_grad():
+        dense = plain(ids).logits
+    compress_model(plain, calib, SparseGPTConfig(**{**cfg.to_dict(), "smooth_alpha": 0.0}), progress=False)
+    res = compress_model(smooth, calib, cfg, progress=False)
+    rep = res.report["smoothing"]
+    assert rep["alpha"] == 0.5 and [b["block"] for b in rep["blocks"]] == [0, 1]
+    assert max(rep["blocks"][0]["max_abs_log2_factor"].values()) > 1  # some channel moved by more than 2x
+    mods = dict(smooth.named_modules())
+    for name in res.records:
+        assert nm_holds(mods[name].weight, 2, 4), name
+    assert _q_input_ratio(smooth, ids) < _q_input_ratio(plain, ids) / 3
+    with torch.no_grad():
+        got = smooth(ids).logits
+    assert torch.isfinite(got).all() and float((got - dense).norm() / dense.norm()) < 1.0
+
+
+def test_smoothing_bad_input(calib):
+    with pytest.raises(ConfigError, match="smooth_alpha"):
+        SparseGPTConfig(smooth_alpha=1.5)
+    with pytest.raises(ConfigError, match="smooth_alpha"):
+        SparseGPTConfig(smooth_alpha=True)
+    with pytest.raises(ConfigError, match=r"smooth_alpha: block model\.decoder\.layers\.0 \(OPTDecoderLayer\)"):
+        compress_model(make_model("opt"), calib, SparseGPTConfig(pattern="2:4", bits=4, group_size=32, nsamples=8,
+                                                                 seqlen=32, smooth_alpha=0.5), progress=False)
+
+
+def test_cli_smooth_alpha(tmp_path, capsys):
+    import json
+
+    from conftest import compress_tiny, save_tiny
+
+    saved = save_tiny(tmp_path, "llama")
+    assert compress_tiny(saved, tmp_path / "c", "--smooth-alpha", "0.6") == 0
+    assert json.loads((tmp_path / "c" / "sparsegpt_config.json").read_text())["smooth_alpha"] == 0.6
+    report = json.loads((tmp_path / "c" / "sparsegpt_report.json").read_text())
+    assert report["smoothing"]["alpha"] == 0.6 and len(report["smoothing"]["blocks"]) == 2
+    assert compress_tiny(saved, tmp_path / "bad", "--smooth-alpha", "2") == 2
+    assert "smooth_alpha" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
