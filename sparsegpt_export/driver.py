@@ -595,7 +595,9 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             bar.update()
         if config.quantize_lm_head:
             t = time.perf_counter()
-            _quantize_lm_head(model, chunks, solve_group, hdtype, device)
+            head_factor = _quantize_lm_head(model, chunks, solve_group, hdtype, device, config.smooth_alpha, d)
+            if head_factor is not None:
+                smoothed.append({"block": "lm_head", "max_abs_log2_factor": {"lm_head": head_factor}})
             prof["lm_head_s"] = time.perf_counter() - t
     finally:
         bar.close()
@@ -893,8 +895,10 @@ def untie_lm_head(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _quantize_lm_head(model: nn.Module, chunks, solve_group, hdtype, device) -> None:
-    """Quantize (never prune) the lm_head, its Hessian from the final norm's outputs on the compressed blocks."""
+def _quantize_lm_head(model: nn.Module, chunks, solve_group, hdtype, device, smooth_alpha: float = 0.0,
+                      d: Optional["distmod.Dist"] = None) -> Optional[float]:
+    """Quantize (never prune) the lm_head, its Hessian from the final norm's outputs on the compressed blocks;
+    with ``smooth_alpha``, the final norm -> lm_head pair is smoothed first (returns its largest log2 factor)."""
     lm = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if lm is None or not isinstance(lm, nn.Linear):
         raise UnsupportedModelError(f"{type(model).__name__}: --quantize-lm-head: no nn.Linear output embedding (lm_head) found")
@@ -909,7 +913,10 @@ def _quantize_lm_head(model: nn.Module, chunks, solve_group, hdtype, device) -> 
     moved = [(m, next(m.parameters(), torch.empty(0)).device) for m in tail + [lm]]
     for mod, _ in moved:
         mod.to(device)
+    factor = None
     try:
+        if smooth_alpha and len(tail) == 1:
+            factor = smoothing.smooth_head(norm, lm, (hs for hs, _ in chunks), smooth_alpha, d=d)
         acc = HessianAccumulator(lm.in_features, device=device, dtype=hdtype, name="lm_head")
         for hs, _ in chunks:
             x = hs
@@ -921,6 +928,7 @@ def _quantize_lm_head(model: nn.Module, chunks, solve_group, hdtype, device) -> 
     finally:
         for mod, dev in moved:
             mod.to(dev)
+    return factor
 
 
 # ---------------------------------------------------------------------------------------------- several ranks

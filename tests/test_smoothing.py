@@ -105,3 +105,35 @@ def test_cli_smooth_alpha(tmp_path, capsys):
     assert compress_tiny(saved, tmp_path / "bad", "--smooth-alpha", "2") == 2
     assert "smooth_alpha" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_smooth_head_with_quantized_lm_head(calib):
+    from sparsegpt_export.driver import untie_lm_head
+
+    model = _with_outliers("llama")
+    with torch.no_grad():
+        model.model.norm.weight[[1, 30]] *= 40.0
+    ids = calib[:4]
+    with torch.no_grad():
+        want = model(ids).logits
+        hidden = model.model(ids).last_hidden_state  # after the final norm
+    rms = hidden.reshape(-1, hidden.shape[-1]).pow(2).mean(0).sqrt()
+    untie_lm_head(model)  # (the tiny configs do not tie it; SmolLM2 does)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    raw = []  # the last block's outputs: what the driver hands over (the final norm comes after)
+    h = model.model.layers[-1].register_forward_hook(lambda m, a, o: raw.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model.model(calib[:8])
+    h.remove()
+    factor = smoothing.smooth_head(model.model.norm, model.lm_head, raw, 0.6)
+    assert factor is not None and factor > 1
+    with torch.no_grad():
+        got = model(ids).logits
+        after = model.model(ids).last_hidden_state
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    rms2 = after.reshape(-1, after.shape[-1]).pow(2).mean(0).sqrt()
+    assert float(rms2.max() / rms2.median()) < float(rms.max() / rms.median()) / 3
+    cfg = SparseGPTConfig(pattern="2:4", bits=4, group_size=32, nsamples=8, seqlen=32, smooth_alpha=0.6,
+                          quantize_lm_head=True)
+    res = compress_model(_with_outliers("llama"), calib, cfg, progress=False)
+    assert res.report["smoothing"]["blocks"][-1]["block"] == "lm_head"
