@@ -13,8 +13,10 @@ traced graph so that `OnnxCausalLM` runs either:
   packed into one matmul each (their rows stacked, codes and scales unchanged); gate/up is split after it, the
   packed q/k/v goes into the attention as it is;
 - ``com.microsoft.GroupQueryAttention`` over the past keys and values (no repeated heads), the rotary embedding
-  done inside it (``do_rotary``) with the model's own cos/sin tables at ``position_ids`` as given (so left-padded
-  batches keep transformers' positions), the padding of ``attention_mask`` passed as ``attention_bias``. Packed
+  done inside it (``do_rotary``) with the model's own cos/sin tables, the padding of ``attention_mask`` passed as
+  ``attention_bias``. ONNX Runtime takes a prompt's positions from the cache length and only later steps' from
+  ``position_ids``, so the export records ``positions: absolute`` and `OnnxCausalLM` feeds each row's absolute
+  index (a left-padded row is shifted by its padding throughout: transformers' relative positions). Packed
   q/k/v and the rotary inside take 90 small nodes per decode step off SmolLM2's graph (a Split and two
   RotaryEmbedding per layer);
 - SiLU as ``com.microsoft.QuickGelu`` with alpha 1 (x·sigmoid(x)).

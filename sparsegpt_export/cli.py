@@ -76,7 +76,7 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
                    help="also quantize the lm_head to --bits (not pruned; a tied one is untied from the embedding)")
     p.add_argument("--smooth-alpha", type=float, default=0.0, metavar="ALPHA",
                    help="activation smoothing before compression, migration strength in (0, 1] (default 0: off); "
-                        "for graphs that quantize activations, e.g. ONNX at accuracy_level 4 (try 0.5)")
+                        "for graphs that quantize activations, e.g. ONNX at accuracy_level 4 (0.6 measured on SmolLM2)")
     p.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default=None)
     a = p.add_argument_group("mixed sparsity and the weight update (issue #7)")
     a.add_argument("--allocation", choices=["uniform", "sensitivity", "owl"], default="uniform",

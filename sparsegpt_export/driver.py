@@ -550,13 +550,13 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
                 block.to(device)
             if config.smooth_alpha:
                 t = time.perf_counter()
-                if not smoothing.plan(block):
+                factors = smoothing.smooth_block(block, _OnDevice(chunks, device) if spill else chunks,
+                                                 config.smooth_alpha, d)
+                if factors is None:
                     raise ConfigError(
                         f"smooth_alpha: block {path}.{bi} ({type(block).__name__}) has none of the Llama-style pairs it "
                         "smooths (input_layernorm -> self_attn.q/k/v_proj, post_attention_layernorm -> "
                         "mlp.gate/up_proj, mlp.up_proj -> mlp.down_proj, self_attn.v_proj -> self_attn.o_proj)")
-                factors = smoothing.smooth_block(block, _OnDevice(chunks, device) if spill else chunks,
-                                                 config.smooth_alpha, d)
                 smoothed.append({"block": bi, "max_abs_log2_factor": factors})
                 prof["smooth_s"] = prof.get("smooth_s", 0.0) + time.perf_counter() - t
             lins = {f"{path}.{bi}.{k}": v for k, v in block_linears(block).items()}

@@ -77,20 +77,32 @@ def _slice(value: Any, batch: int, n: int) -> Any:
     return value
 
 
+class _SquareSum:
+    """Per-channel sum of squares and row count of activations [..., channels], in float64."""
+
+    def __init__(self):
+        self.sq, self.count = None, 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.sq = x.pow(2).sum(0) if self.sq is None else self.sq + x.pow(2).sum(0)
+        self.count += x.shape[0]
+
+    def rms(self, d: Any = None) -> torch.Tensor:
+        sq, count = self.sq, float(self.count)
+        if d is not None:  # every rank smooths alike: the statistics of all ranks' windows
+            from . import distributed as distmod
+
+            both = distmod.all_reduce_sum(d, torch.cat([sq, sq.new_tensor([count])]))
+            sq, count = both[:-1], float(both[-1])
+        return (sq / max(count, 1.0)).sqrt().float()
+
+
 @torch.no_grad()
 def channel_rms(block: nn.Module, chunks, names: list[str], windows: int = WINDOWS, d: Any = None) -> dict[str, torch.Tensor]:
     """RMS of each input channel of the linear layers ``names`` over the first ``windows`` calibration windows."""
-    sums: dict[str, list] = {n: [None, 0] for n in names}
-
-    def hook_for(name: str):
-        def hook(_mod, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            acc = sums[name]
-            acc[0] = x.pow(2).sum(0) if acc[0] is None else acc[0] + x.pow(2).sum(0)
-            acc[1] += x.shape[0]
-        return hook
-
-    handles = [_get(block, n).register_forward_pre_hook(hook_for(n)) for n in names]
+    sums = {n: _SquareSum() for n in names}
+    handles = [_get(block, n).register_forward_pre_hook(lambda _m, args, acc=sums[n]: acc.add(args[0])) for n in names]
     try:
         left = windows
         for hs, kw in chunks:
@@ -103,15 +115,7 @@ def channel_rms(block: nn.Module, chunks, names: list[str], windows: int = WINDO
     finally:
         for h in handles:
             h.remove()
-    out = {}
-    for n, (sq, count) in sums.items():
-        if d is not None:  # every rank smooths alike: the statistics of all ranks' windows
-            from . import distributed as distmod
-
-            both = distmod.all_reduce_sum(d, torch.cat([sq, torch.tensor([float(count)], dtype=sq.dtype, device=sq.device)]))
-            sq, count = both[:-1], float(both[-1])
-        out[n] = (sq / max(count, 1)).sqrt().float()
-    return out
+    return {n: acc.rms(d) for n, acc in sums.items()}
 
 
 def _factors(rms: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -123,11 +127,26 @@ def _factors(rms: torch.Tensor, wmax: torch.Tensor, alpha: float) -> torch.Tenso
     return s.clamp(1e-4, 1e4)
 
 
+def _fold(producer: nn.Module, s_out: torch.Tensor, consumers: list[nn.Module], s_in: torch.Tensor) -> float:
+    """Divide what ``producer`` makes by ``s_out`` (a norm's weight and bias, or a linear layer's rows and bias) and
+    multiply the ``consumers``' input columns by ``s_in`` (the same factors, per consumer input channel)."""
+    for m in consumers:
+        m.weight.mul_(s_in.to(m.weight.device, m.weight.dtype)[None, :])
+    rows = isinstance(producer, nn.Linear)
+    w = producer.weight
+    w.div_(s_out.to(w.device, w.dtype)[:, None] if rows else s_out.to(w.device, w.dtype))
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.div_(s_out.to(producer.bias.device, producer.bias.dtype))
+    return round(float(s_in.log2().abs().max()), 3)
+
+
 @torch.no_grad()
-def smooth_block(block: nn.Module, chunks, alpha: float, d: Any = None) -> dict[str, float]:
+def smooth_block(block: nn.Module, chunks, alpha: float, d: Any = None) -> Optional[dict[str, float]]:
     """Smooth ``block`` in place (see the module docstring); returns, per consumer group, the largest factor's
-    log2 magnitude (how far the outlier channels were pulled in)."""
+    log2 magnitude (how far the outlier channels were pulled in), or None when the block has none of the pairs."""
     pairs = plan(block)
+    if not pairs:
+        return None
     stats = channel_rms(block, chunks, [cons[0] for _, _, cons in pairs], d=d)
     done = {}
     for kind, prod, cons in pairs:
@@ -137,25 +156,14 @@ def smooth_block(block: nn.Module, chunks, alpha: float, d: Any = None) -> dict[
         p = _get(block, prod)
         if kind == "rows" and cons[0].endswith("o_proj") and mods[0].in_features != p.out_features:
             groups = mods[0].in_features // p.out_features  # query heads per key/value head
-            heads_dim = getattr(getattr(block, "self_attn", None), "head_dim", None) or p.out_features
-            kv = p.out_features // heads_dim
-            r = rms.view(kv, groups, heads_dim).amax(1).reshape(-1)
-            w = wmax.view(kv, groups, heads_dim).amax(1).reshape(-1)
-            s_rows = _factors(r, w, alpha)
-            s = s_rows.view(kv, 1, heads_dim).expand(kv, groups, heads_dim).reshape(-1)
+            head_dim = getattr(getattr(block, "self_attn", None), "head_dim", None) or p.out_features
+            kv = p.out_features // head_dim
+            s_out = _factors(rms.view(kv, groups, head_dim).amax(1).reshape(-1),
+                             wmax.view(kv, groups, head_dim).amax(1).reshape(-1), alpha)
+            s_in = s_out.view(kv, 1, head_dim).expand(kv, groups, head_dim).reshape(-1)
         else:
-            s = s_rows = _factors(rms, wmax, alpha)
-        for m in mods:
-            m.weight.mul_(s.to(m.weight.dtype)[None, :])
-        if kind == "norm":
-            p.weight.div_(s.to(p.weight.dtype))
-            if getattr(p, "bias", None) is not None:
-                p.bias.div_(s.to(p.bias.dtype))
-        else:
-            p.weight.div_(s_rows.to(p.weight.dtype)[:, None])
-            if p.bias is not None:
-                p.bias.div_(s_rows.to(p.bias.dtype))
-        done["+".join(cons)] = round(float(s.log2().abs().max()), 3)
+            s_out = s_in = _factors(rms, wmax, alpha)
+        done["+".join(cons)] = _fold(p, s_out, mods, s_in)
     return done
 
 
@@ -166,23 +174,11 @@ def smooth_head(norm: nn.Module, lm: nn.Linear, inputs, alpha: float, windows: i
     where the norm is not a plain multiplicative one."""
     if not _multiplicative_norm(norm) or norm.weight.numel() != lm.in_features:
         return None
-    sq, count, left = None, 0, windows
+    acc, left = _SquareSum(), windows
     for hs in inputs:
         if left <= 0:
             break
-        x = norm(hs[:left]).reshape(-1, lm.in_features).double()
-        sq = x.pow(2).sum(0) if sq is None else sq + x.pow(2).sum(0)
-        count += x.shape[0]
+        acc.add(norm(hs[:left]))
         left -= hs.shape[0]
-    if d is not None:
-        from . import distributed as distmod
-
-        both = distmod.all_reduce_sum(d, torch.cat([sq, torch.tensor([float(count)], dtype=sq.dtype, device=sq.device)]))
-        sq, count = both[:-1], float(both[-1])
-    rms = (sq / max(count, 1)).sqrt().float().to(lm.weight.device)
-    s = _factors(rms, lm.weight.float().abs().amax(0), alpha)
-    lm.weight.mul_(s.to(lm.weight.dtype)[None, :])
-    norm.weight.div_(s.to(norm.weight.device, norm.weight.dtype))
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.div_(s.to(norm.bias.device, norm.bias.dtype))
-    return round(float(s.log2().abs().max()), 3)
+    s = _factors(acc.rms(d).to(lm.weight.device), lm.weight.float().abs().amax(0), alpha)
+    return _fold(norm, s, [lm], s)
