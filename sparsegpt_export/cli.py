@@ -77,6 +77,9 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smooth-alpha", type=float, default=0.0, metavar="ALPHA",
                    help="activation smoothing before compression, migration strength in (0, 1] (default 0: off); "
                         "for graphs that quantize activations, e.g. ONNX at accuracy_level 4 (0.6 measured on SmolLM2)")
+    p.add_argument("--smooth-lm-head-alpha", type=float, default=None, metavar="ALPHA",
+                   help="with --quantize-lm-head: migration strength for the final norm -> lm_head pair "
+                        "(default: --smooth-alpha; 0: that pair unsmoothed)")
     p.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default=None)
     a = p.add_argument_group("mixed sparsity and the weight update (issue #7)")
     a.add_argument("--allocation", choices=["uniform", "sensitivity", "owl"], default="uniform",
@@ -123,6 +126,7 @@ _CONFIG_KEYS = ("pattern", "sparsity", "bits", "group_size", "sym", "damp", "blo
                 "hessian_dtype", "fit_scales_to_kept", "clip_search", "refit_scales", "stack_shared_inputs", "quantize_lm_head", "scale_dtype", "targets", "ignore",
                 "allocation", "sensitivity", "probes", "alpha", "owl_lambda", "owl_m", "sensitivity_cache",
                 "dense_fraction", "mix_pattern", "mix_fraction", "saliency", "update", "refine_steps", "admm_mask", "quant_order", "smooth_alpha",
+                "smooth_lm_head_alpha",
                 "on_incompatible", "dataset", "nsamples", "seqlen", "seed", "calib_batch_size", "device")
 
 

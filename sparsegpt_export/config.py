@@ -77,6 +77,8 @@ class SparseGPTConfig:
         run time (ONNX Runtime's MatMulNBits at accuracy_level 4): on SmolLM2-135M 2:4 + 4-bit g128, 0.6 brought the
         level-4 logits error from 3.82e-2 to 1.75e-2, and perplexity from 92.42 to 92.04 (WikiText-2) and 146.54 to
         129.57 (C4) (``benchmarks/results/onnx_smoothing.md``).
+    smooth_lm_head_alpha: with ``quantize_lm_head``, the migration strength for the final norm -> lm_head pair;
+        None (default) takes ``smooth_alpha``, 0 leaves that pair unsmoothed (``benchmarks/results/onnx_smoothing_lmhead.md``).
     quant_order: with ``bits`` and pruning under the ``obs`` update: ``after-mask`` (default) runs SparseGPT's sweep
         without quantization to choose the mask and update the weights, then a second sweep quantizes the kept
         weights on that fixed mask, spreading each rounding error over the columns not yet done (GPTQ on the
@@ -115,6 +117,7 @@ class SparseGPTConfig:
     admm_mask: str = "gradual"
     quant_order: str = "after-mask"
     smooth_alpha: float = 0.0
+    smooth_lm_head_alpha: Optional[float] = None
     scale_dtype: Optional[str] = None
     targets: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
@@ -131,6 +134,11 @@ class SparseGPTConfig:
         self.validate()
 
     # ------------------------------------------------------------------ validation
+    @property
+    def lm_head_smoothing(self) -> float:
+        """The migration strength the final norm -> lm_head pair gets (``smooth_lm_head_alpha`` or ``smooth_alpha``)."""
+        return self.smooth_alpha if self.smooth_lm_head_alpha is None else float(self.smooth_lm_head_alpha)
+
     def validate(self) -> None:
         n, m = parse_pattern(self.pattern)
         if n:
@@ -219,6 +227,10 @@ class SparseGPTConfig:
         if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
                 or not (0.0 <= self.smooth_alpha <= 1.0):
             raise ConfigError(f"smooth_alpha: {self.smooth_alpha!r} must lie in [0, 1] (0: no smoothing)")
+        a = self.smooth_lm_head_alpha
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
+            raise ConfigError(f"smooth_lm_head_alpha: {a!r} must lie in [0, 1] (0: the lm_head pair unsmoothed) or be None "
+                              "(as smooth_alpha)")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed: {self.seed!r} must be an integer")
 

@@ -595,7 +595,7 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             bar.update()
         if config.quantize_lm_head:
             t = time.perf_counter()
-            head_factor = _quantize_lm_head(model, chunks, solve_group, hdtype, device, config.smooth_alpha, d)
+            head_factor = _quantize_lm_head(model, chunks, solve_group, hdtype, device, config.lm_head_smoothing, d)
             if head_factor is not None:
                 smoothed.append({"block": "lm_head", "max_abs_log2_factor": {"lm_head": head_factor}})
             prof["lm_head_s"] = time.perf_counter() - t
@@ -634,8 +634,10 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
         "profile": {k: round(v, 3) for k, v in prof.items()},
         "warnings": [r["warning"] for r in rows if "warning" in r] + plan["notes"],
     }
-    if config.smooth_alpha:
+    if config.smooth_alpha or smoothed:
         report["smoothing"] = {"alpha": config.smooth_alpha, "windows": smoothing.WINDOWS, "blocks": smoothed}
+        if config.quantize_lm_head:
+            report["smoothing"]["lm_head_alpha"] = config.lm_head_smoothing
     if plan["method"]:
         report["allocation"] = {k: plan.get(k) for k in ("method", "sensitivity", "cache", "notes", "dense", "mixed")}
     if config.update == "admm":

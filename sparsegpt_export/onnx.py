@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, DynamicCache, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 MODEL_FILE = "model.onnx"
@@ -68,11 +69,13 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         self.model_dir = model_dir
         self.share_kv_buffer = False
         self.export_info: dict = {}
+        self._outputs_shape: dict = {}
         # no weights: a zero-size buffer gives the model its device and dtype (inputs and outputs live on the CPU)
         self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
         if session is not None:
             self._inputs = {i.name: i for i in session.get_inputs()}
             self._outputs = [o.name for o in session.get_outputs()]
+            self._outputs_shape = {o.name: list(o.shape) for o in session.get_outputs()}
             self._past_names = [n for n in self._inputs if n.startswith("input.past_key_values.")]
             self.num_layers = len(self._past_names) // 2
             past = self._inputs[self._past_names[0]].shape if self._past_names else [None] * 4
@@ -162,13 +165,12 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         if "position_ids" in self._inputs:
             feeds["position_ids"] = position_ids.cpu().long().numpy()
         if self.share_kv_buffer:
-            logits, pairs, buffers = self._run_shared(feeds, past_key_values, batch, past_len + seq)
+            logits, cache = self._run_shared(feeds, past_key_values, batch, past_len + seq)
         else:
-            (logits, pairs), buffers = self._run(feeds, past_key_values, batch, past_len), None
-        cache = None
-        if use_cache is not False:
+            logits, pairs = self._run(feeds, past_key_values, batch, past_len)
             cache = _cache_of(pairs)
-            cache._sparsegpt_kv = buffers
+        if use_cache is False:
+            cache = None
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
     def _run(self, feeds: dict, past, batch: int, past_len: int):
@@ -190,34 +192,37 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
     def _run_shared(self, feeds: dict, past, batch: int, total: int):
         """GroupQueryAttention writes the new keys and values into the cache buffers in place (ONNX Runtime's
         past/present buffer sharing through IO binding): no copy of the cache per step. The buffers hold
-        ``capacity`` positions and double when full; the returned cache's tensors are views of them."""
+        ``capacity`` positions and double when full. A decode step on the cache the previous step returned
+        rebinds only the three small inputs and moves each layer's length on by one; that cache object is
+        returned again (grown in place, as transformers' `DynamicCache.update` grows its own)."""
         import onnxruntime as ort
 
-        bufs = getattr(past, "_sparsegpt_kv", None) if past is not None else None
         past_len = total - feeds["input_ids"].shape[1]
+        bufs = _KVBuffers.of(past)
         if bufs is None or not bufs.holds(past, batch, past_len) or bufs.capacity < total:
             bufs = _KVBuffers(batch, self.num_layers, self._kv_heads, self._head_dim, total, past, past_len, ort)
-        binding = self.session.io_binding()
-        binding.bind_output("logits", "cpu")
+        binding = bufs.binding(self.session, self.num_layers)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        for i in range(self.num_layers):
-            for j, kind in enumerate(("keys", "values")):
-                value = bufs.values[2 * i + j]
-                binding.bind_ortvalue_input(f"input.past_key_values.layers.{i}.{kind}", value)
-                binding.bind_ortvalue_output(f"output.past_key_values.layers.{i}.{kind}", value)
-        self.session.run_with_iobinding(binding)
-        logits = torch.from_numpy(binding.get_outputs()[0].numpy())
-        pairs = [(bufs.tensors[2 * i][:, :, :total], bufs.tensors[2 * i + 1][:, :, :total])
-                 for i in range(self.num_layers)]
-        return logits, pairs, bufs
+        vocab = self._outputs_shape.get("logits", [None])[-1]
+        if isinstance(vocab, int):  # a new array each step for the logits, written by the graph
+            logits = np.empty((batch, feeds["input_ids"].shape[1], vocab), np.float32)
+            binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+            self.session.run_with_iobinding(binding)
+        else:
+            binding.bind_output("logits", "cpu")  # after a run the binding holds that run's logits, of its shape
+            self.session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy()
+        logits = torch.from_numpy(logits)
+        if bufs.follows(past):
+            for layer in past.layers:
+                layer.length = total
+            return logits, past
+        return logits, _BufferCache(bufs, total)
 
 
 def _cache_of(pairs) -> Any:
-    """A `DynamicCache` holding ``pairs`` as they are (no concatenation, so views of shared buffers stay views)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
+    """A `DynamicCache` holding ``pairs`` as they are."""
     cache = DynamicCache()
     for keys, values in pairs:
         layer = DynamicLayer()
@@ -240,11 +245,72 @@ class _KVBuffers:
             self.tensors[2 * i][:, :, :past_len] = past.layers[i].keys
             self.tensors[2 * i + 1][:, :, :past_len] = past.layers[i].values
         self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]
+        self._binding = self._session = None
+
+    @staticmethod
+    def of(past) -> Optional["_KVBuffers"]:
+        """The buffers ``past`` was made over, if it is a cache this runner returned."""
+        layers = getattr(past, "layers", None) or []
+        return getattr(layers[0], "bufs", None) if layers else None
+
+    def binding(self, session, layers: int):
+        """An IO binding of ``session`` with every layer's buffers bound as its past input and its present output
+        (made once per buffers and session; each step rebinds only the token inputs and the logits)."""
+        if self._session is not session:
+            b = session.io_binding()
+            b.bind_output("logits", "cpu")  # output 0
+            for i in range(layers):
+                for j, kind in enumerate(("keys", "values")):
+                    b.bind_ortvalue_input(f"input.past_key_values.layers.{i}.{kind}", self.values[2 * i + j])
+                    b.bind_ortvalue_output(f"output.past_key_values.layers.{i}.{kind}", self.values[2 * i + j])
+            self._binding, self._session = b, session
+        return self._binding
+
+    def follows(self, past) -> bool:
+        """Whether every layer of ``past`` still reads these buffers through its length (nothing reassigned)."""
+        return past is not None and len(past.layers) * 2 == len(self.tensors) and all(
+            getattr(layer, "bufs", None) is self and not layer.own for layer in past.layers)
 
     def holds(self, past, batch: int, past_len: int) -> bool:
-        """Whether every layer of ``past`` is still a view of these buffers (beam search reorders make copies)."""
+        """Whether ``past``'s first ``past_len`` positions are these buffers' (a crop keeps them; beam search's
+        reorders make copies, which do not)."""
         if batch != self.batch or len(past.layers) * 2 != len(self.tensors):
             return False
-        return all(layer.keys.data_ptr() == self.tensors[2 * i].data_ptr()
-                   and layer.values.data_ptr() == self.tensors[2 * i + 1].data_ptr()
-                   and layer.keys.shape[-2] == past_len for i, layer in enumerate(past.layers))
+        if self.follows(past):
+            return all(layer.length == past_len for layer in past.layers)
+        return all(t is not None and t.data_ptr() == self.tensors[2 * i + j].data_ptr() and t.shape[-2] == past_len
+                   for i, layer in enumerate(past.layers) for j, t in enumerate((layer.keys, layer.values)))
+
+
+class _BufferLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are the first ``length`` positions of layer ``index``'s shared
+    buffers, sliced when read. When transformers assigns keys or values (``crop``, beam search's
+    ``reorder_cache``), the layer holds what was assigned from then on (``own``)."""
+
+    def __init__(self, bufs: _KVBuffers, index: int, length: int):
+        super().__init__()
+        self.own = {}
+        self.bufs, self.index, self.length = bufs, index, length
+        self.device, self.is_initialized = torch.device("cpu"), True
+
+    def _read(self, j: int, kind: str):
+        own = self.__dict__.get("own")
+        if own is None or kind in own:
+            return (own or {}).get(kind)
+        return self.bufs.tensors[2 * self.index + j][:, :, :self.length]
+
+    def _write(self, kind: str, value) -> None:
+        self.__dict__.setdefault("own", {})[kind] = value
+
+    keys = property(lambda self: self._read(0, "keys"), lambda self, v: self._write("keys", v))
+    values = property(lambda self: self._read(1, "values"), lambda self, v: self._write("values", v))
+
+    def get_seq_length(self) -> int:  # noqa: D102 (no slicing for the common question)
+        return super().get_seq_length() if self.own else self.length
+
+
+def _BufferCache(bufs: _KVBuffers, length: int):
+    """A `DynamicCache` of `_BufferLayer` s over ``bufs``, ``length`` positions long."""
+    cache = DynamicCache()
+    cache.layers.extend(_BufferLayer(bufs, i, length) for i in range(len(bufs.tensors) // 2))
+    return cache

@@ -87,6 +87,10 @@ def test_smoothing_bad_input(calib):
         SparseGPTConfig(smooth_alpha=1.5)
     with pytest.raises(ConfigError, match="smooth_alpha"):
         SparseGPTConfig(smooth_alpha=True)
+    with pytest.raises(ConfigError, match="smooth_lm_head_alpha"):
+        SparseGPTConfig(smooth_lm_head_alpha=-0.1)
+    assert SparseGPTConfig(smooth_alpha=0.6).lm_head_smoothing == 0.6
+    assert SparseGPTConfig(smooth_alpha=0.6, smooth_lm_head_alpha=0).lm_head_smoothing == 0.0
     with pytest.raises(ConfigError, match=r"smooth_alpha: block model\.decoder\.layers\.0 \(OPTDecoderLayer\)"):
         compress_model(make_model("opt"), calib, SparseGPTConfig(pattern="2:4", bits=4, group_size=32, nsamples=8,
                                                                  seqlen=32, smooth_alpha=0.5), progress=False)
@@ -102,6 +106,11 @@ def test_cli_smooth_alpha(tmp_path, capsys):
     assert json.loads((tmp_path / "c" / "sparsegpt_config.json").read_text())["smooth_alpha"] == 0.6
     report = json.loads((tmp_path / "c" / "sparsegpt_report.json").read_text())
     assert report["smoothing"]["alpha"] == 0.6 and len(report["smoothing"]["blocks"]) == 2
+    assert compress_tiny(saved, tmp_path / "h", "--smooth-alpha", "0.6", "--quantize-lm-head",
+                         "--smooth-lm-head-alpha", "0.3") == 0
+    report = json.loads((tmp_path / "h" / "sparsegpt_report.json").read_text())
+    assert report["smoothing"]["lm_head_alpha"] == 0.3 and report["smoothing"]["blocks"][-1]["block"] == "lm_head"
+    assert json.loads((tmp_path / "h" / "sparsegpt_config.json").read_text())["smooth_lm_head_alpha"] == 0.3
     assert compress_tiny(saved, tmp_path / "bad", "--smooth-alpha", "2") == 2
     assert "smooth_alpha" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
@@ -137,3 +146,18 @@ def test_smooth_head_with_quantized_lm_head(calib):
                           quantize_lm_head=True)
     res = compress_model(_with_outliers("llama"), calib, cfg, progress=False)
     assert res.report["smoothing"]["blocks"][-1]["block"] == "lm_head"
+    assert res.report["smoothing"]["lm_head_alpha"] == 0.6
+    # smooth_lm_head_alpha 0: the blocks are smoothed, the final norm -> lm_head pair is not
+    base = _with_outliers("llama")
+    norm_before = base.model.norm.weight.detach().clone()
+    cfg0 = SparseGPTConfig.from_dict({**cfg.to_dict(), "smooth_lm_head_alpha": 0.0})
+    res0 = compress_model(base, calib, cfg0, progress=False)
+    assert [b["block"] for b in res0.report["smoothing"]["blocks"]] == [0, 1]
+    assert res0.report["smoothing"]["lm_head_alpha"] == 0.0
+    assert torch.equal(base.model.norm.weight, norm_before)
+    # and the head alone, with the blocks left as they are
+    cfg_head = SparseGPTConfig.from_dict({**cfg.to_dict(), "smooth_alpha": 0.0, "smooth_lm_head_alpha": 0.5})
+    base = _with_outliers("llama")
+    res_head = compress_model(base, calib, cfg_head, progress=False)
+    assert [b["block"] for b in res_head.report["smoothing"]["blocks"]] == ["lm_head"]
+    assert not torch.equal(base.model.norm.weight, norm_before)
