@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SPARSEGPT_DATA", ROOT.parent / "shared" / "data"))
 CALIB = DATA / "calib-smollm2-c4-128x512.safetensors"
 WIKI = DATA / "wikitext2-raw-test.txt"
+HEAD_ALPHA = 0.3  # --smooth-lm-head-alpha of the --quantize-lm-head model (onnx_smoothing_lmhead.md)
 COMPRESS = ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym", "--dataset", str(CALIB),
             "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--device", "cpu"]
 
@@ -155,6 +156,9 @@ def main() -> int:
     ap.add_argument("--ppl-windows", type=int, default=16)
     ap.add_argument("--smooth-alpha", type=float, default=0.6,
                     help="compress with --smooth-alpha (default 0.6; 0: none), see benchmarks/onnx_smoothing.py")
+    ap.add_argument("--smooth-lm-head-alpha", type=float, default=HEAD_ALPHA,
+                    help=f"the --quantize-lm-head model's --smooth-lm-head-alpha (default {HEAD_ALPHA}), see "
+                         "benchmarks/onnx_smoothing.py --lm-head-alphas")
     ap.add_argument("--work", default=None,
                     help="work folder (default ~/.cache/sparsegpt-export/bench-onnx, -smooth<alpha> when smoothing)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -194,11 +198,17 @@ def main() -> int:
     src = {"plain": work / "c-plain", "lmhead": work / "c-lmhead"}
     smooth = ["--smooth-alpha", str(alpha)] if alpha else []
     result["smooth_alpha"] = alpha
-    for key, extra in (("plain", []), ("lmhead", ["--quantize-lm-head"])):
+    head = args.smooth_lm_head_alpha
+    result["smooth_lm_head_alpha"] = head
+    fresh = set()  # compress outputs made in this run: their graphs are exported again whatever --reuse-exports says
+    for key, extra, want in (("plain", [], {}), ("lmhead", ["--quantize-lm-head", "--smooth-lm-head-alpha", str(head)],
+                                                 {"smooth_lm_head_alpha": head})):
         cfg = src[key] / "sparsegpt_config.json"
-        if not cfg.is_file() or json.loads(cfg.read_text()).get("smooth_alpha", 0.0) != alpha:
+        have = json.loads(cfg.read_text()) if cfg.is_file() else None
+        if have is None or have.get("smooth_alpha", 0.0) != alpha or any(have.get(k) != v for k, v in want.items()):
             sh([py, "-m", "sparsegpt_export", "compress", "smollm2-135m", *COMPRESS, *smooth, *extra, "--out", str(src[key]),
                 "--overwrite", "--no-progress"], log)
+            fresh.add(key)
         else:
             log(f"reusing {src[key]}")
     graphs = {"onnx-float32": (src["plain"], "none"), "onnx-int4": (src["plain"], "matmulnbits"),
@@ -209,7 +219,8 @@ def main() -> int:
     result["onnx_graph"] = graph_kind
     result["export_s"] = {}
     for name, (s, q) in graphs.items():
-        if args.reuse_exports and (work / (name + suffix) / "sparsegpt_onnx.json").is_file():
+        if args.reuse_exports and s not in {src[k] for k in fresh} \
+                and (work / (name + suffix) / "sparsegpt_onnx.json").is_file():
             log(f"reusing {work / (name + suffix)}")
             continue
         result["export_s"][name] = round(sh([py, "-m", "sparsegpt_export", "export", str(s), "--format", "onnx",

@@ -367,11 +367,21 @@ def test_shared_kv_buffer_writes_in_place(compressed, tmp_path):
     step = shared(ids[:, 20:21], past_key_values=first.past_key_values)
     assert step.past_key_values.layers[0].keys.data_ptr() == ptr
     assert step.past_key_values.get_seq_length() == 21
+    assert step.past_key_values is first.past_key_values  # grown in place, as a DynamicCache grows
+    assert all(layer.keys.shape[-2] == 21 for layer in step.past_key_values.layers)
     ref_first = plain(ids[:, :20])
     ref_step = plain(ids[:, 20:21], past_key_values=ref_first.past_key_values)
     assert torch.equal(step.logits, ref_step.logits)
     for layer_a, layer_b in zip(step.past_key_values.layers, ref_step.past_key_values.layers):
         assert torch.equal(layer_a.keys, layer_b.keys) and torch.equal(layer_a.values, layer_b.values)
+    # a crop (assisted decoding) keeps the buffers: the next step writes over the dropped position
+    step2 = shared(ids[:, 21:22], past_key_values=step.past_key_values)
+    step2.past_key_values.crop(-1)
+    assert step2.past_key_values.get_seq_length() == 21
+    again = shared(ids[:, 21:22], past_key_values=step2.past_key_values)
+    assert again.past_key_values.layers[0].keys.data_ptr() == ptr
+    ref_step2 = plain(ids[:, 21:22], past_key_values=ref_step.past_key_values)
+    assert torch.equal(again.logits, ref_step2.logits) and again.past_key_values.get_seq_length() == 22
     # a cache of copies (as beam search's reorder makes) is copied into fresh buffers, not trusted
     more = shared(ids[:, 21:30], past_key_values=ref_step.past_key_values)
     assert more.past_key_values.layers[0].keys.data_ptr() != ptr

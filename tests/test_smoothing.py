@@ -89,7 +89,8 @@ def test_smoothing_bad_input(calib):
         SparseGPTConfig(smooth_alpha=True)
     with pytest.raises(ConfigError, match="smooth_lm_head_alpha"):
         SparseGPTConfig(smooth_lm_head_alpha=-0.1)
-    assert SparseGPTConfig(smooth_alpha=0.6).lm_head_smoothing == 0.6
+    assert SparseGPTConfig(smooth_alpha=0.6).lm_head_smoothing == 0.3
+    assert SparseGPTConfig(smooth_alpha=0.6, smooth_lm_head_alpha=0.6).lm_head_smoothing == 0.6
     assert SparseGPTConfig(smooth_alpha=0.6, smooth_lm_head_alpha=0).lm_head_smoothing == 0.0
     with pytest.raises(ConfigError, match=r"smooth_alpha: block model\.decoder\.layers\.0 \(OPTDecoderLayer\)"):
         compress_model(make_model("opt"), calib, SparseGPTConfig(pattern="2:4", bits=4, group_size=32, nsamples=8,
@@ -146,7 +147,7 @@ def test_smooth_head_with_quantized_lm_head(calib):
                           quantize_lm_head=True)
     res = compress_model(_with_outliers("llama"), calib, cfg, progress=False)
     assert res.report["smoothing"]["blocks"][-1]["block"] == "lm_head"
-    assert res.report["smoothing"]["lm_head_alpha"] == 0.6
+    assert res.report["smoothing"]["lm_head_alpha"] == 0.3  # half of smooth_alpha unless told
     # smooth_lm_head_alpha 0: the blocks are smoothed, the final norm -> lm_head pair is not
     base = _with_outliers("llama")
     norm_before = base.model.norm.weight.detach().clone()
