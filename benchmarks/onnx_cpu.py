@@ -311,7 +311,7 @@ def main() -> int:
 
     # report -------------------------------------------------------------------------------------------------------
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = [f"SmolLM2-135M-Instruct 2:4 + int4 g128 sym" + (f" (--smooth-alpha {alpha:g})" if alpha else "")
+    md = [f"SmolLM2-135M-Instruct 2:4 + int4 g128 sym" + (f" (--smooth-alpha {alpha:g}; the lm_head model --smooth-lm-head-alpha {head:g})" if alpha else "")
           + f", ONNX Runtime {ort.__version__} CPU, {args.threads} threads"
           f", {graph_kind} graph{' exported with --ort-fusions cpu' if args.ort_fusions else ''}; "
           f"median (min-max) of {args.repeats} runs; prefill {args.prefill} tokens, decode {args.decode} new tokens.", "",
