@@ -6,7 +6,7 @@
 1. compress (unless ``--work`` already holds the outputs): SmolLM2-135M-Instruct to 2:4 + 4-bit g128 symmetric on
    the fixed calibration tokens (``calib-smollm2-c4-128x512.safetensors``, 128 x 512) with ``--smooth-alpha 0.6``
    (activation smoothing, for the int8 activations of accuracy_level 4; ``--smooth-alpha 0`` for none), once as is
-   and once with ``--quantize-lm-head``;
+   and once with ``--quantize-lm-head`` (its final norm -> lm_head pair at ``--smooth-lm-head-alpha 0.3``);
 2. export three graphs with the CLI (``--onnx-graph gqa`` unless told otherwise): ``--onnx-quant none`` (float32,
    the baseline), ``matmulnbits`` (float lm_head) and ``matmulnbits`` of the ``--quantize-lm-head`` output, both
    at the default ``accuracy_level`` 4;
