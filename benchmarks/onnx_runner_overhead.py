@@ -2,24 +2,25 @@
 
     python benchmarks/onnx_runner_overhead.py GRAPH_DIR [GRAPH_DIR ...] [--prompt 512] [--steps 64] [--rounds 3]
 
-For each graph: a ``--prompt``-token random prompt, then ``--steps`` greedy decode steps, one forward per token
-(the loop of ``onnx_cpu.py``), ``--rounds`` times; prints per step the wall time, the time inside
+For each graph, ``--rounds`` times: a ``--prompt``-token random prompt, then ``--steps`` greedy decode steps, one
+forward per token (the loop of ``onnx_cpu.py``); prints per step the wall time, the time inside
 ``session.run_with_iobinding`` (or ``session.run``) and the rest. To compare two versions of the runner, run the
 same command with each on ``PYTHONPATH``.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onnx_cpu import Loop  # noqa: E402  (the benchmark's own prefill / decode loop)
 
 
 def measure(graph: Path, prompt: int, steps: int, rounds: int, threads: int) -> list[dict]:
-    from transformers import DynamicCache
-
     from sparsegpt_export.onnx import OnnxCausalLM
 
     model = OnnxCausalLM.from_pretrained(graph, num_threads=threads)
@@ -35,21 +36,16 @@ def measure(graph: Path, prompt: int, steps: int, rounds: int, threads: int) -> 
                 inside[0] += time.perf_counter() - t
 
         setattr(model.session, attr, timed)
-    ids = torch.from_numpy(np.random.default_rng(0).integers(0, model.config.vocab_size, (1, prompt)))
-    rows = []
-    with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-        cache, tok, pos = out.past_key_values, int(out.logits[0, -1].argmax()), prompt
-        for _ in range(rounds):
-            inside[0] = 0.0
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                out = model(input_ids=torch.tensor([[tok]]), past_key_values=cache, use_cache=True,
-                            position_ids=torch.tensor([[pos]]))
-                cache, tok, pos = out.past_key_values, int(out.logits[0, -1].argmax()), pos + 1
-            wall = (time.perf_counter() - t0) / steps * 1000
-            rows.append({"wall_ms": wall, "session_ms": inside[0] / steps * 1000,
-                         "outside_ms": wall - inside[0] / steps * 1000})
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, prompt)).astype(np.int64)
+    loop, rows = Loop(model), []
+    for _ in range(rounds):
+        out = loop.prefill(ids)
+        inside[0] = 0.0
+        t0 = time.perf_counter()
+        loop.decode(out, steps, prompt)
+        wall = (time.perf_counter() - t0) / steps * 1000
+        rows.append({"wall_ms": wall, "session_ms": inside[0] / steps * 1000,
+                     "outside_ms": wall - inside[0] / steps * 1000})
     return rows
 
 

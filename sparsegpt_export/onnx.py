@@ -69,13 +69,13 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         self.model_dir = model_dir
         self.share_kv_buffer = False
         self.export_info: dict = {}
-        self._outputs_shape: dict = {}
+        self._vocab: Any = None  # the logits' last dimension when the graph fixes it
         # no weights: a zero-size buffer gives the model its device and dtype (inputs and outputs live on the CPU)
         self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
         if session is not None:
             self._inputs = {i.name: i for i in session.get_inputs()}
             self._outputs = [o.name for o in session.get_outputs()]
-            self._outputs_shape = {o.name: list(o.shape) for o in session.get_outputs()}
+            self._vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
             self._past_names = [n for n in self._inputs if n.startswith("input.past_key_values.")]
             self.num_layers = len(self._past_names) // 2
             past = self._inputs[self._past_names[0]].shape if self._past_names else [None] * 4
@@ -199,14 +199,15 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
 
         past_len = total - feeds["input_ids"].shape[1]
         bufs = _KVBuffers.of(past)
-        if bufs is None or not bufs.holds(past, batch, past_len) or bufs.capacity < total:
+        follows = bufs is not None and bufs.follows(past)
+        if bufs is None or not bufs.holds(past, batch, past_len, follows) or bufs.capacity < total:
             bufs = _KVBuffers(batch, self.num_layers, self._kv_heads, self._head_dim, total, past, past_len, ort)
+            follows = False
         binding = bufs.binding(self.session, self.num_layers)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        vocab = self._outputs_shape.get("logits", [None])[-1]
-        if isinstance(vocab, int):  # a new array each step for the logits, written by the graph
-            logits = np.empty((batch, feeds["input_ids"].shape[1], vocab), np.float32)
+        if isinstance(self._vocab, int):  # a new array each step for the logits, written by the graph
+            logits = np.empty((batch, feeds["input_ids"].shape[1], self._vocab), np.float32)
             binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
             self.session.run_with_iobinding(binding)
         else:
@@ -214,11 +215,11 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
             self.session.run_with_iobinding(binding)
             logits = binding.get_outputs()[0].numpy()
         logits = torch.from_numpy(logits)
-        if bufs.follows(past):
+        if follows:
             for layer in past.layers:
                 layer.length = total
             return logits, past
-        return logits, _BufferCache(bufs, total)
+        return logits, _buffer_cache(bufs, total)
 
 
 def _cache_of(pairs) -> Any:
@@ -271,12 +272,12 @@ class _KVBuffers:
         return past is not None and len(past.layers) * 2 == len(self.tensors) and all(
             getattr(layer, "bufs", None) is self and not layer.own for layer in past.layers)
 
-    def holds(self, past, batch: int, past_len: int) -> bool:
+    def holds(self, past, batch: int, past_len: int, follows: bool) -> bool:
         """Whether ``past``'s first ``past_len`` positions are these buffers' (a crop keeps them; beam search's
         reorders make copies, which do not)."""
         if batch != self.batch or len(past.layers) * 2 != len(self.tensors):
             return False
-        if self.follows(past):
+        if follows:  # (``self.follows(past)``, which the caller has asked already)
             return all(layer.length == past_len for layer in past.layers)
         return all(t is not None and t.data_ptr() == self.tensors[2 * i + j].data_ptr() and t.shape[-2] == past_len
                    for i, layer in enumerate(past.layers) for j, t in enumerate((layer.keys, layer.values)))
@@ -309,7 +310,7 @@ class _BufferLayer(DynamicLayer):
         return super().get_seq_length() if self.own else self.length
 
 
-def _BufferCache(bufs: _KVBuffers, length: int):
+def _buffer_cache(bufs: _KVBuffers, length: int):
     """A `DynamicCache` of `_BufferLayer` s over ``bufs``, ``length`` positions long."""
     cache = DynamicCache()
     cache.layers.extend(_BufferLayer(bufs, i, length) for i in range(len(bufs.tensors) // 2))
