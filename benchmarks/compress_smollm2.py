@@ -96,7 +96,7 @@ def magnitude(model_dir: str, windows: int, seqlen: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sparsegpt_export.driver import block_linears, find_blocks, get_weight, set_weight
+    from sparsegpt_export.anatomy import block_linears, find_blocks, get_weight, set_weight
     from sparsegpt_export.solver import magnitude_prune
 
     t0 = time.perf_counter()

@@ -177,7 +177,8 @@ def _random_pruned_export(cfg_kwargs: dict, work: Path, dtype: torch.dtype) -> t
 
     from sparsegpt_export.config import SparseGPTConfig
     from sparsegpt_export.converters import sparse24
-    from sparsegpt_export.driver import CompressionResult, LayerRecord, block_linears, find_blocks
+    from sparsegpt_export.anatomy import block_linears, find_blocks
+    from sparsegpt_export.records import CompressionResult, LayerRecord
     from sparsegpt_export.io import save_compressed
 
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""``sparsegpt-export export DIR --format F --out OUT``: registered into the core CLI when this package imports.
+"""``sparsegpt-export export DIR --format F --out OUT`` and ``run``: the commands that live beside the core, in
+`COMMANDS`, which the core CLI (`sparsegpt_export.cli`) adds to its own.
 
 A format is one entry of `FORMATS`: its help line and the module whose ``export(src, out, dtype, overwrite)``
 writes it (imported only when chosen, so the CLI starts fast).
@@ -9,7 +10,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from sparsegpt_export.cli import COMMANDS
+from typing import Callable
 
 FORMATS: dict[str, tuple[str, str]] = {
     "sparse24": ("packed N:M codes + positions + scales in one safetensors file (our compact format)",
@@ -111,5 +112,7 @@ def run_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS["run"] = ("generate text with an ONNX export (quick look)", add_run_args, run_run)
-COMMANDS["export"] = (f"convert a compress output to a serving format ({', '.join(FORMATS)})", add_export_args, run_export)
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "export": (f"convert a compress output to a serving format ({', '.join(FORMATS)})", add_export_args, run_export),
+    "run": ("generate text with an ONNX export (quick look)", add_run_args, run_run),
+}

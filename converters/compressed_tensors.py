@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from sparsegpt_export.io import atomic_dir, load_records
+from sparsegpt_export.io import atomic_dir
+from sparsegpt_export.records import load_records
 
 from .dense import cast, copy_side_files, dtype_name, read_checkpoint, read_config, resolve_dtype, write_config
-from .sparse24 import _check_nm, _codes, _conv1d_modules, parse_nm
+from .common import check_nm, conv1d_modules, parse_nm, weight_codes
 
 FORMAT = "compressed-tensors"
 WEIGHTS_FILE = "model.safetensors"
@@ -63,7 +64,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
             raise _fail(src, f"layer {name}: its {dtype_name(rec.scales.dtype)} scales would be rounded to "
                              f"{dtype_name(dt)} at load (weight_scale takes the model's dtype); export with "
                              f"--dtype {dtype_name(rec.scales.dtype)} or float32")
-    conv1d = _conv1d_modules(src, list(records))
+    conv1d = conv1d_modules(src, list(records))
     if conv1d:
         raise _fail(src, f"layer {sorted(conv1d)[0]} is a Conv1D (GPT-2 style); compressed-tensors quantizes "
                          "nn.Linear modules only: export --format sparse24 or dense")
@@ -86,8 +87,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
         rows, c = rec.shape
         nm = parse_nm(rec.pattern)
         if nm:
-            _check_nm(name, (w != 0).reshape(rows, c // nm[1], nm[1]), *nm)
-        codes = _codes(name, rec, w)  # checked to give back every weight exactly
+            check_nm(name, (w != 0).reshape(rows, c // nm[1], nm[1]), *nm)
+        codes = weight_codes(name, rec, w)  # checked to give back every weight exactly
         scales = rec.scales
         if g_out != g:
             scales = scales.repeat_interleave(g // g_out, dim=1)[:, : c // g_out]

@@ -43,11 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsegpt_export.io import atomic_dir, load_config, load_records
+from sparsegpt_export.io import atomic_dir
+from sparsegpt_export.records import load_config, load_records
 
 from . import onnx_gqa
 from .dense import copy_side_files, read_checkpoint, read_config
-from .sparse24 import _codes, _conv1d_modules
+from .common import conv1d_modules, weight_codes
 
 FORMAT = "onnx"
 MODEL_FILE = "model.onnx"
@@ -465,7 +466,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
                     "with --bits 4, or export the float graph with --onnx-quant none"
                 )
     tensors = read_checkpoint(src)
-    conv1d = _conv1d_modules(src, list(records))
+    conv1d = conv1d_modules(src, list(records))
     layers: dict[str, dict] = {}
     if onnx_quant != "none":
         for name, rec in quantized.items():
@@ -475,7 +476,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
             w = w.t() if name in conv1d else w
             if tuple(w.shape) != tuple(rec.shape):
                 raise OnnxExportError(f"layer {name}: weight of shape {tuple(w.shape)}, but the record says {tuple(rec.shape)}")
-            layers[name] = {"codes": _codes(name, rec, w), "scales": rec.scales,
+            layers[name] = {"codes": weight_codes(name, rec, w), "scales": rec.scales,
                             "zeros": None if rec.sym else rec.zeros, "group_size": rec.group_size}
     del tensors
 

@@ -44,9 +44,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from sparsegpt_export.driver import LayerRecord
-from sparsegpt_export.io import atomic_dir, load_config, load_records
+from sparsegpt_export.io import atomic_dir
+from sparsegpt_export.records import LayerRecord, load_config, load_records
 from sparsegpt_export.solver import expand_groups
+
+from .common import check_nm, conv1d_modules, grid, parse_nm, weight_codes
 
 from .dense import (cast, copy_side_files, dtype_name, read_checkpoint, read_config, read_safetensors,
                     resolve_dtype, write_config)
@@ -79,65 +81,18 @@ def position_bits(m: int) -> int:
     return max(1, math.ceil(math.log2(m)))
 
 
-def parse_nm(pattern: str) -> Optional[tuple[int, int]]:
-    if ":" not in pattern:
-        return None
-    n, m = (int(x) for x in pattern.split(":"))
-    return n, m
-
-
 def _packed_bytes(nbits: int) -> int:
     return (nbits + 7) // 8
-
-
-# ---------------------------------------------------------------------------------------------- grids
-def _grid(name: str, shape: tuple[int, int], bits: int, group_size: Optional[int], scales: torch.Tensor,
-          zeros: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of every weight, float32 [out, in]; symmetric grids use zero = 2^(bits-1)."""
-    rows, cols = shape
-    ngroups = -(-cols // (group_size or cols))
-    if tuple(scales.shape) != (rows, ngroups):
-        raise ValueError(f"layer {name}: scales have shape {tuple(scales.shape)}, expected {(rows, ngroups)}")
-    if zeros is not None and tuple(zeros.shape) != (rows, ngroups):
-        raise ValueError(f"layer {name}: zeros have shape {tuple(zeros.shape)}, expected {(rows, ngroups)}")
-    s = scales.float()
-    z = zeros.float() if zeros is not None else torch.full_like(s, float(2 ** (bits - 1)))
-    return expand_groups(s, z, cols, group_size)
-
-
-def _codes(name: str, rec: LayerRecord, w: torch.Tensor) -> torch.Tensor:
-    """The integer codes of ``w`` [out, in], checked to reproduce every weight exactly (uint8)."""
-    if rec.scales is None or (not rec.sym and rec.zeros is None):
-        raise ValueError(f"layer {name}: {rec.bits}-bit layer without scales/zeros in the quantization sidecar")
-    s, z = _grid(name, rec.shape, rec.bits, rec.group_size, rec.scales, None if rec.sym else rec.zeros)
-    q = (torch.round(w.float() / s) + z).clamp(0, 2**rec.bits - 1)
-    bad = (s * (q - z)).to(w.dtype) != w
-    if bad.any():
-        r, c = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"layer {name}: weight {w[r, c].item():g} at row {r}, column {c} is not on its {rec.bits}-bit grid "
-            f"(scale {s[r, c].item():g}); the weights and the quantization sidecar do not match"
-        )
-    return q.to(torch.uint8)
 
 
 def _dequant(name: str, meta: dict, codes: torch.Tensor, scales: torch.Tensor,
              zeros: Optional[torch.Tensor]) -> torch.Tensor:
     """Codes [out, in] -> values in the source dtype (the exact compress output)."""
-    s, z = _grid(name, tuple(meta["shape"]), meta["bits"], meta["group_size"], scales, zeros)
+    s, z = grid(name, tuple(meta["shape"]), meta["bits"], meta["group_size"], scales, zeros)
     return (s * (codes.float() - z)).to(getattr(torch, meta["source_dtype"]))
 
 
 # ---------------------------------------------------------------------------------------------- packing
-def _check_nm(name: str, nz: torch.Tensor, n: int, m: int) -> None:
-    """``nz`` [out, groups, m] bool: at most n nonzeros per group, else a ValueError naming the first offender."""
-    count = nz.sum(-1)
-    if (count > n).any():
-        r, g = (int(i) for i in (count > n).nonzero()[0])
-        raise ValueError(
-            f"layer {name}: {int(count[r, g])} nonzeros in a group of {m} at row {r}, group {g}; not {n}:{m}")
-
-
 def _kept_positions(nz: torch.Tensor, n: int) -> torch.Tensor:
     """[out, groups, m] bool -> [out, groups, n] ascending slot indices: the nonzeros, then the first free slots."""
     m = nz.shape[-1]
@@ -161,8 +116,8 @@ def pack_layer(name: str, rec: LayerRecord, w: torch.Tensor, dtype: torch.dtype)
         if cols % m:
             raise ValueError(f"layer {name}: {cols} input columns are not a multiple of M={m} ({rec.pattern})")
         nz = (w != 0).reshape(rows, cols // m, m)
-        _check_nm(name, nz, n, m)
-    codes = _codes(name, rec, w) if rec.bits else None
+        check_nm(name, nz, n, m)
+    codes = weight_codes(name, rec, w) if rec.bits else None
     if rec.bits:
         out["scales"] = rec.scales.contiguous()
         if not rec.sym:
@@ -194,19 +149,6 @@ def pack_layer(name: str, rec: LayerRecord, w: torch.Tensor, dtype: torch.dtype)
     return out
 
 
-def _conv1d_modules(src: Path, names: list[str]) -> set[str]:
-    """The layers stored transposed ([in, out], GPT-2's Conv1D), found on a weightless (meta) instance."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sparsegpt_export.models import strip_quantization_config
-
-    config = AutoConfig.from_pretrained(str(src))
-    strip_quantization_config(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {n for n in names if type(model.get_submodule(n)).__name__ == "Conv1D"}
-
-
 def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
            overwrite: bool = False) -> Path:
     """Write the compress output ``src`` to ``out`` in the sparse24 format (other tensors in ``dtype``)."""
@@ -217,7 +159,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
     dt = resolve_dtype(config, dtype)
     records = load_records(src)
     tensors = read_checkpoint(src)
-    transposed = _conv1d_modules(src, list(records))
+    transposed = conv1d_modules(src, list(records))
     packed: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     for name, rec in records.items():

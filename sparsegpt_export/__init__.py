@@ -1,21 +1,25 @@
 """sparsegpt-export: SparseGPT pruning (2:4, 4:8, N:M, unstructured) with joint low-bit quantization, and
 exports that serving stacks load."""
-from pathlib import Path as _Path
-
-# Installed, `converters/` and `integrations/` are subfolders of this package (setuptools package-dir). Run
-# from a source checkout (`python -m sparsegpt_export` in the project root), they are its siblings: add the
-# root to this package's path so that `sparsegpt_export.converters` and `.integrations` resolve the same way.
-_here = _Path(__file__).resolve().parent
-if not (_here / "converters").is_dir() and (_here.parent / "converters" / "sparse24.py").is_file():
-    __path__.append(str(_here.parent))  # noqa: F821  (the package's own __path__)
-
+# `converters/` and `integrations/` are top-level folders of the project, installed as subpackages of this one
+# (setuptools package-dir); a source checkout runs after `pip install -e .`.
 from .calibration import CalibrationError, get_calibration_data
 from .config import ConfigError, SparseGPTConfig, parse_pattern
-from .driver import CompressionResult, LayerRecord, UnsupportedModelError, compress_model, find_blocks
-from .quantizer import SparseGPTQuantizer
+from .anatomy import UnsupportedModelError, find_blocks
+from .pipeline import compress_model
+from .records import CompressionResult, LayerRecord
 from .solver import HessianAccumulator, SolverError, magnitude_prune, sparsegpt_solve
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``SparseGPTQuantizer`` (an Optimum quantizer: optimum is imported when it is first used)."""
+    if name == "SparseGPTQuantizer":
+        from .quantizer import SparseGPTQuantizer
+
+        return SparseGPTQuantizer
+    raise AttributeError(f"module 'sparsegpt_export' has no attribute {name!r}")
+
 
 __all__ = [
     "CalibrationError", "CompressionResult", "ConfigError", "HessianAccumulator", "LayerRecord", "SolverError",

@@ -38,73 +38,54 @@ def _rows(v: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--rows: {v!r} is not START:END") from None
 
 
+PARSERS: dict[str, Callable[[str], Any]] = {"bits": _bits, "group": _group, "int": int, "float": float}
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """One flag per `SparseGPTConfig` field, with its help, choices and type from the field. A flag left out
+    leaves no attribute (``argparse.SUPPRESS``): ``config_values`` then knows which flags were given."""
+    from dataclasses import MISSING, fields
+
+    from .config import SparseGPTConfig
+
+    groups: dict[Optional[str], Any] = {None: p}
+    for f in fields(SparseGPTConfig):
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        if meta.get("group") not in groups:
+            groups[meta["group"]] = p.add_argument_group(meta["group"])
+        g = groups[meta.get("group")]
+        default = f.default if f.default is not MISSING else f.default_factory()
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        helptext = meta["help"]
+        if isinstance(default, bool):
+            _add_bool(g, f.name, meta.get("flag"), meta.get("negative"), helptext)
+        elif isinstance(default, list):
+            g.add_argument(flag, dest=f.name, action="append", default=argparse.SUPPRESS, help=helptext)
+        else:
+            kind = PARSERS.get(meta.get("parse")) or (type(default) if default is not None else str)
+            g.add_argument(flag, dest=f.name, type=kind, choices=meta.get("choices"), default=argparse.SUPPRESS,
+                           metavar=meta.get("metavar"), help=helptext)
+
+
+def _add_bool(g: Any, name: str, flag: Optional[str], negative: Optional[str], helptext: str) -> None:
+    """``flag`` sets True, ``negative`` False: both (a pair such as --sym / --asym), or one of them."""
+    if negative and flag:
+        pair = g.add_mutually_exclusive_group()
+        pair.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=helptext)
+        pair.add_argument(negative, dest=name, action="store_false", default=argparse.SUPPRESS)
+    elif negative:
+        g.add_argument(negative, dest=name, action="store_false", default=argparse.SUPPRESS, help=helptext)
+    else:
+        g.add_argument(flag or "--" + name.replace("_", "-"), dest=name, action="store_true", default=argparse.SUPPRESS,
+                       help=helptext)
+
+
 def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="local checkpoint folder, hub name, or 'smollm2-135m' (the built-in default model)")
     p.add_argument("--out", required=True, help="output folder (written atomically)")
-    p.add_argument("--pattern", default="2:4", help="2:4, 4:8, any N:M (N kept of M), unstructured, or dense (default 2:4)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity (default 0.5)")
-    p.add_argument("--bits", type=_bits, default=4, help="joint quantization bits 2..8, or 'none' (default 4)")
-    p.add_argument("--group-size", type=_group, default=128, help="quantization group size, or -1 per channel (default 128)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    g.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (zero point per group)")
-    p.add_argument("--dataset", default="c4", help="c4, wikitext2, ptb, or a .txt/.jsonl/.parquet/.safetensors file")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean(diag H) (default 0.01)")
-    p.add_argument("--blocksize", type=int, default=128, help="lazy-update block size B (default 128)")
-    p.add_argument("--mask-blocksize", type=int, default=128, help="adaptive mask block Bs, unstructured (default 128)")
-    p.add_argument("--hessian-dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--calib-batch-size", type=int, default=None, help="windows per block forward (default: all that fit)")
-    p.add_argument("--targets", action="append", default=[], help="regex of module names to compress (repeatable)")
-    p.add_argument("--ignore", action="append", default=[], help="regex of module names to leave alone (repeatable)")
-    p.add_argument("--on-incompatible", choices=["skip", "error"], default="skip",
-                   help="a layer whose columns are not a multiple of M: skip it with a warning (default) or fail")
-    p.add_argument("--no-fit-scales", dest="fit_scales_to_kept", action="store_false",
-                   help="fit each group's grid to all its weights instead of only the kept ones")
-    p.add_argument("--no-clip-search", dest="clip_search", action="store_false", help="plain min/max grid, no clipping search")
-    p.add_argument("--no-refit-scales", dest="refit_scales", action="store_false",
-                   help="keep the scales chosen during the sweep instead of refitting them to the final codes")
-    p.add_argument("--no-stack-shared-inputs", dest="stack_shared_inputs", action="store_false",
-                   help="solve q/k/v and gate/up one layer at a time instead of in one sweep over their stacked rows")
-    p.add_argument("--quant-order", choices=["after-mask", "joint"], default="after-mask",
-                   help="with --bits and pruning: choose the mask first, then quantize on it in a second sweep "
-                        "(after-mask, default), or mask and quantize in one sweep (joint)")
-    p.add_argument("--quantize-lm-head", action="store_true",
-                   help="also quantize the lm_head to --bits (not pruned; a tied one is untied from the embedding)")
-    p.add_argument("--smooth-alpha", type=float, default=0.0, metavar="ALPHA",
-                   help="activation smoothing before compression, migration strength in (0, 1] (default 0: off); "
-                        "for graphs that quantize activations, e.g. ONNX at accuracy_level 4 (0.6 measured on SmolLM2)")
-    p.add_argument("--smooth-lm-head-alpha", type=float, default=None, metavar="ALPHA",
-                   help="with --quantize-lm-head: migration strength for the final norm -> lm_head pair "
-                        "(default: half of --smooth-alpha, 0.3 measured best on SmolLM2 for 0.6; 0: that pair unsmoothed)")
-    p.add_argument("--scale-dtype", choices=["float16", "bfloat16", "float32"], default=None)
-    a = p.add_argument_group("mixed sparsity and the weight update (issue #7)")
-    a.add_argument("--allocation", choices=["uniform", "sensitivity", "owl"], default="uniform",
-                   help="per-matrix sparsity for unstructured pruning; the parameter-weighted average stays --sparsity")
-    a.add_argument("--sensitivity", choices=["hutchinson", "fisher", "obd", "proxy"], default="obd",
-                   help="sensitivity score: mean OBD saliency F_ii w_i^2 of the matrix (obd, default), loss-Hessian "
-                        "trace by Hutchinson probes, squared gradients (fisher), or trace(H_layer) x ||W||^2 (proxy, "
-                        "no backward)")
-    a.add_argument("--probes", type=int, default=32, help="Hutchinson probes / Fisher and OBD windows (default 32)")
-    a.add_argument("--alpha", type=float, default=0.1, help="sensitivity allocation: density 1-p +- alpha (default 0.1)")
-    a.add_argument("--owl-lambda", type=float, default=0.08, help="OWL: sparsity spread +- lambda (default 0.08)")
-    a.add_argument("--owl-m", type=float, default=5.0, help="OWL: outlier threshold, x the block mean (default 5)")
-    a.add_argument("--sensitivity-cache", default=None,
-                   help="JSON file for the scores (default: sparsegpt-sensitivity.json beside --out)")
-    a.add_argument("--dense-fraction", type=float, default=0.0,
-                   help="N:M: keep the most sensitive fraction of the linear layers dense (e.g. 0.1)")
-    a.add_argument("--mix-pattern", default=None, help="N:M: a second pattern for the most sensitive layers (e.g. 4:8)")
-    a.add_argument("--mix-fraction", type=float, default=0.0, help="N:M: fraction of the layers that get --mix-pattern")
-    a.add_argument("--saliency", choices=["obs", "isc"], default="obs",
-                   help="which weights to drop: SparseGPT's w^2/[H^-1]^2 (obs) or Shao et al.'s isc")
-    a.add_argument("--update", choices=["obs", "admm"], default="obs",
-                   help="weight update: SparseGPT's sweep (obs) or least squares on the mask by ADMM")
-    a.add_argument("--refine-steps", type=int, default=40, help="ADMM iterations (default 40)")
-    a.add_argument("--admm-mask", choices=["gradual", "obs"], default="gradual",
-                   help="ADMM: choose the mask gradually during the iterations (default) or keep the sweep's")
+    add_config_args(p)
     p.add_argument("--dtype", default="auto", help="dtype to load the model in (default: the checkpoint's)")
     p.add_argument("--config", default=None, help="a sparsegpt_config.json to start from (flags given override it)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -122,26 +103,23 @@ def add_compress_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-_CONFIG_KEYS = ("pattern", "sparsity", "bits", "group_size", "sym", "damp", "blocksize", "mask_blocksize",
-                "hessian_dtype", "fit_scales_to_kept", "clip_search", "refit_scales", "stack_shared_inputs", "quantize_lm_head", "scale_dtype", "targets", "ignore",
-                "allocation", "sensitivity", "probes", "alpha", "owl_lambda", "owl_m", "sensitivity_cache",
-                "dense_fraction", "mix_pattern", "mix_fraction", "saliency", "update", "refine_steps", "admm_mask", "quant_order", "smooth_alpha",
-                "smooth_lm_head_alpha",
-                "on_incompatible", "dataset", "nsamples", "seqlen", "seed", "calib_batch_size", "device")
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The config of a command line: the defaults, then ``--config FILE``, then every flag given (explicit flags
+    win, also when they repeat a default)."""
+    from dataclasses import fields
+
+    from .config import SparseGPTConfig
+
+    base = SparseGPTConfig.from_json_file(args.config).to_dict() if getattr(args, "config", None) else {}
+    given = {f.name: getattr(args, f.name) for f in fields(SparseGPTConfig) if hasattr(args, f.name)}
+    return {**base, **given}
 
 
 def run_compress(args: argparse.Namespace) -> int:
     from .config import SparseGPTConfig
     from .io import check_writable
-    from .quantizer import SparseGPTQuantizer
 
-    values = {k: getattr(args, k) for k in _CONFIG_KEYS}
-    if args.config:
-        base = SparseGPTConfig.from_json_file(args.config).to_dict()
-        # flags left at their defaults do not override the file
-        parser_defaults = _compress_defaults()
-        values = {**base, **{k: v for k, v in values.items() if v != parser_defaults.get(k)}}
-    config = SparseGPTConfig.from_dict(values)
+    config = SparseGPTConfig.from_dict(config_values(args))
     if args.offload == "disk":
         # before anything large is built (see sparsegpt_export.hostmem; from_pretrained does it too, for the API)
         from . import hostmem
@@ -171,7 +149,7 @@ def _compress(args: argparse.Namespace, config: Any, d: Any) -> int:
     t0 = time.perf_counter()
     q = SparseGPTQuantizer.from_pretrained(args.model, config=config, dtype=None if args.dtype == "auto" else args.dtype,
                                            offload=args.offload, offload_dir=args.offload_dir, max_memory=args.max_memory)
-    q.dataset = args.dataset
+    q.dataset = config.dataset
     t_load = time.perf_counter() - t0
     out = q.quantize(args.out, overwrite=args.overwrite or args.resume, progress=args.progress, resume=args.resume)
     s = q.report["summary"]
@@ -188,12 +166,6 @@ def _compress(args: argparse.Namespace, config: Any, d: Any) -> int:
     return 0
 
 
-def _compress_defaults() -> dict[str, Any]:
-    p = argparse.ArgumentParser()
-    add_compress_args(p)
-    return vars(p.parse_args(["m", "--out", "o"]))
-
-
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a checkpoint folder (e.g. the output of compress), hub name or 'smollm2-135m'")
     p.add_argument("--dataset", required=True, help="wikitext2, c4, ptb, or a .txt/.jsonl/.parquet file")
@@ -208,7 +180,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from .calibration import load_eval_text
-    from .driver import resolve_device
+    from .pipeline.state import resolve_device
     from .evaluation import perplexity
     from .models import load_model
 
@@ -243,17 +215,18 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
-def register_extra_commands() -> None:
-    """Commands that live beside the core (export, run) register themselves here when importable."""
-    from .converters import cli as conv_cli  # noqa: F401
+def all_commands() -> dict[str, tuple[str, Callable, Callable]]:
+    """The core's commands and those that live beside it (``export``, ``run``: `sparsegpt_export.converters.cli`)."""
+    from .converters.cli import COMMANDS as beside
+
+    return {**COMMANDS, **beside}
 
 
 def build_parser(prog: str = "sparsegpt-export") -> argparse.ArgumentParser:
-    register_extra_commands()
     parser = argparse.ArgumentParser(prog=prog, description="SparseGPT pruning + joint quantization and serving exports")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.subparsers_by_name = {}  # for `optimum-cli sparsegpt CMD --help`
-    for name, (help_, add, run) in COMMANDS.items():
+    for name, (help_, add, run) in all_commands().items():
         p = sub.add_parser(name, help=help_, description=help_)
         add(p)
         p.set_defaults(func=run)
@@ -272,7 +245,7 @@ def handle_errors(fn: Callable[[], int]) -> int:
     from .config import ConfigError
     from .distributed import DistributedError
     from .offload import OffloadError
-    from .driver import UnsupportedModelError
+    from .anatomy import UnsupportedModelError
     from .io import OutputError
     from .models import ModelNotFoundError
     from .solver import SolverError

@@ -38,6 +38,25 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
 
 
 QUANT_ORDERS = ("after-mask", "joint")
+ALLOCATIONS = ("uniform", "sensitivity", "owl")
+METHODS = ("hutchinson", "fisher", "obd", "proxy")
+SALIENCIES = ("obs", "isc")
+UPDATES = ("obs", "admm")
+ADMM_MASKS = ("gradual", "obs")
+MIXED = "mixed sparsity and the weight update"
+
+
+def _opt(default: Any, help: str, *, flag: Optional[str] = None, negative: Optional[str] = None,
+         choices: Optional[tuple] = None, group: Optional[str] = None, parse: Optional[str] = None,
+         metavar: Optional[str] = None, cli: bool = True) -> Any:
+    """A config field with what the command line needs of it (``sparsegpt_export.cli`` builds its flags from these):
+    ``flag`` (default ``--the-name``), ``negative`` (the flag that sets a boolean False), ``choices`` (also checked by
+    ``validate``), ``group`` (a help section), ``parse`` (a named value parser), ``cli=False`` for no flag."""
+    meta = {"help": help, "flag": flag, "negative": negative, "choices": choices, "group": group, "parse": parse,
+            "metavar": metavar, "cli": cli}
+    if default is list:
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -90,48 +109,71 @@ class SparseGPTConfig:
         same time (``benchmarks/results/compress_smollm2.md``).
     """
 
-    pattern: str = "2:4"
-    sparsity: float = 0.5
-    bits: Optional[int] = 4
-    group_size: Optional[int] = 128
-    sym: bool = True
-    damp: float = 0.01
-    blocksize: int = 128
-    mask_blocksize: int = 128
-    hessian_dtype: str = "float32"
-    fit_scales_to_kept: bool = True
-    clip_search: bool = True
-    refit_scales: bool = True
-    stack_shared_inputs: bool = True
-    quantize_lm_head: bool = False
-    allocation: str = "uniform"
-    sensitivity: str = "obd"
-    probes: int = 32
-    alpha: float = 0.1
-    owl_lambda: float = 0.08
-    owl_m: float = 5.0
-    sensitivity_cache: Optional[str] = None
-    dense_fraction: float = 0.0
-    mix_pattern: Optional[str] = None
-    mix_fraction: float = 0.0
-    saliency: str = "obs"
-    update: str = "obs"
-    refine_steps: int = 40
-    admm_mask: str = "gradual"
-    quant_order: str = "after-mask"
-    smooth_alpha: float = 0.0
-    smooth_lm_head_alpha: Optional[float] = None
-    scale_dtype: Optional[str] = None
-    targets: list[str] = field(default_factory=list)
-    ignore: list[str] = field(default_factory=list)
-    on_incompatible: str = "skip"
-    dataset: Optional[str] = "c4"
-    nsamples: int = 128
-    seqlen: int = 2048
-    seed: int = 0
-    calib_batch_size: Optional[int] = None
-    device: Optional[str] = None
-    format_version: int = 1
+    pattern: str = _opt("2:4", "2:4, 4:8, any N:M (N kept of M), unstructured, or dense (default 2:4)")
+    sparsity: float = _opt(0.5, "unstructured sparsity (default 0.5)")
+    bits: Optional[int] = _opt(4, "joint quantization bits 2..8, or 'none' (default 4)", parse="bits")
+    group_size: Optional[int] = _opt(128, "quantization group size, or -1 per channel (default 128)", parse="group")
+    sym: bool = _opt(True, "symmetric grid (default); --asym: asymmetric grid (zero point per group)", flag="--sym",
+                     negative="--asym")
+    damp: float = _opt(0.01, "Hessian damping, fraction of mean(diag H) (default 0.01)")
+    blocksize: int = _opt(128, "lazy-update block size B (default 128)")
+    mask_blocksize: int = _opt(128, "adaptive mask block Bs, unstructured (default 128)")
+    hessian_dtype: str = _opt("float32", "dtype of the layer Hessians", choices=("float32", "float64"))
+    fit_scales_to_kept: bool = _opt(True, "fit each group's grid to all its weights instead of only the kept ones",
+                                    negative="--no-fit-scales")
+    clip_search: bool = _opt(True, "plain min/max grid, no clipping search", negative="--no-clip-search")
+    refit_scales: bool = _opt(True, "keep the scales chosen during the sweep instead of refitting them to the final "
+                                    "codes", negative="--no-refit-scales")
+    stack_shared_inputs: bool = _opt(True, "solve q/k/v and gate/up one layer at a time instead of in one sweep over "
+                                           "their stacked rows", negative="--no-stack-shared-inputs")
+    quantize_lm_head: bool = _opt(False, "also quantize the lm_head to --bits (not pruned; a tied one is untied from "
+                                         "the embedding)", flag="--quantize-lm-head")
+    allocation: str = _opt("uniform", "per-matrix sparsity for unstructured pruning; the parameter-weighted average "
+                                      "stays --sparsity", choices=ALLOCATIONS, group=MIXED)
+    sensitivity: str = _opt("obd", "sensitivity score: mean OBD saliency F_ii w_i^2 of the matrix (obd, default), "
+                                   "loss-Hessian trace by Hutchinson probes, squared gradients (fisher), or "
+                                   "trace(H_layer) x ||W||^2 (proxy, no backward)", choices=METHODS, group=MIXED)
+    probes: int = _opt(32, "Hutchinson probes / Fisher and OBD windows (default 32)", group=MIXED)
+    alpha: float = _opt(0.1, "sensitivity allocation: density 1-p +- alpha (default 0.1)", group=MIXED)
+    owl_lambda: float = _opt(0.08, "OWL: sparsity spread +- lambda (default 0.08)", group=MIXED)
+    owl_m: float = _opt(5.0, "OWL: outlier threshold, x the block mean (default 5)", group=MIXED)
+    sensitivity_cache: Optional[str] = _opt(None, "JSON file for the scores (default: sparsegpt-sensitivity.json "
+                                                  "beside --out)", group=MIXED)
+    dense_fraction: float = _opt(0.0, "N:M: keep the most sensitive fraction of the linear layers dense (e.g. 0.1)",
+                                 group=MIXED)
+    mix_pattern: Optional[str] = _opt(None, "N:M: a second pattern for the most sensitive layers (e.g. 4:8)",
+                                      group=MIXED)
+    mix_fraction: float = _opt(0.0, "N:M: fraction of the layers that get --mix-pattern", group=MIXED)
+    saliency: str = _opt("obs", "which weights to drop: SparseGPT's w^2/[H^-1]^2 (obs) or Shao et al.'s isc",
+                         choices=SALIENCIES, group=MIXED)
+    update: str = _opt("obs", "weight update: SparseGPT's sweep (obs) or least squares on the mask by ADMM",
+                       choices=UPDATES, group=MIXED)
+    refine_steps: int = _opt(40, "ADMM iterations (default 40)", group=MIXED)
+    admm_mask: str = _opt("gradual", "ADMM: choose the mask gradually during the iterations (default) or keep the "
+                                     "sweep's", choices=ADMM_MASKS, group=MIXED)
+    quant_order: str = _opt("after-mask", "with --bits and pruning: choose the mask first, then quantize on it in a "
+                                          "second sweep (after-mask, default), or mask and quantize in one sweep "
+                                          "(joint)", choices=QUANT_ORDERS)
+    smooth_alpha: float = _opt(0.0, "activation smoothing before compression, migration strength in (0, 1] "
+                                    "(default 0: off); for graphs that quantize activations, e.g. ONNX at "
+                                    "accuracy_level 4 (0.6 measured on SmolLM2)", metavar="ALPHA")
+    smooth_lm_head_alpha: Optional[float] = _opt(
+        None, "with --quantize-lm-head: migration strength for the final norm -> lm_head pair (default: half of "
+              "--smooth-alpha, 0.3 measured best on SmolLM2 for 0.6; 0: that pair unsmoothed)", metavar="ALPHA",
+        parse="float")
+    scale_dtype: Optional[str] = _opt(None, "dtype the quantization scales are stored in (default: the model's "
+                                            "float16/bfloat16, else float16)", choices=("float16", "bfloat16", "float32"))
+    targets: list[str] = _opt(list, "regex of module names to compress (repeatable)")
+    ignore: list[str] = _opt(list, "regex of module names to leave alone (repeatable)")
+    on_incompatible: str = _opt("skip", "a layer whose columns are not a multiple of M: skip it with a warning "
+                                        "(default) or fail", choices=("skip", "error"))
+    dataset: Optional[str] = _opt("c4", "c4, wikitext2, ptb, or a .txt/.jsonl/.parquet/.safetensors file")
+    nsamples: int = _opt(128, "calibration windows (default 128)")
+    seqlen: int = _opt(2048, "tokens per calibration window (default 2048)")
+    seed: int = _opt(0, "seed of the calibration windows and the sensitivity probes (default 0)")
+    calib_batch_size: Optional[int] = _opt(None, "windows per block forward (default: all that fit)", parse="int")
+    device: Optional[str] = _opt(None, "cpu or cuda (default: cuda when available)")
+    format_version: int = _opt(1, "", cli=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -144,6 +186,13 @@ class SparseGPTConfig:
         return self.smooth_alpha / 2 if self.smooth_lm_head_alpha is None else float(self.smooth_lm_head_alpha)
 
     def validate(self) -> None:
+        """Check every option (the message names the one at fault) and normalise the spellings."""
+        self._validate_pattern()
+        self._validate_numbers()
+        self._validate_choices()
+        self._validate_mixed()
+
+    def _validate_pattern(self) -> None:
         n, m = parse_pattern(self.pattern)
         if n:
             self.pattern = f"{n}:{m}"
@@ -154,6 +203,8 @@ class SparseGPTConfig:
             if not isinstance(self.sparsity, (int, float)) or not (0.0 <= float(self.sparsity) < 1.0):
                 raise ConfigError(f"sparsity: {self.sparsity!r} must lie in [0, 1)")
             self.sparsity = float(self.sparsity)
+
+    def _validate_numbers(self) -> None:
         if self.bits is not None:
             if not isinstance(self.bits, int) or not (2 <= self.bits <= 8):
                 raise ConfigError(f"bits: {self.bits!r} must be an integer in 2..8, or None for no quantization")
@@ -171,12 +222,17 @@ class SparseGPTConfig:
                 raise ConfigError(f"{name}: {v!r} must be a positive integer")
         if self.calib_batch_size is not None and (not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1):
             raise ConfigError(f"calib_batch_size: {self.calib_batch_size!r} must be a positive integer or None (auto)")
-        if self.hessian_dtype not in ("float32", "float64"):
-            raise ConfigError(f"hessian_dtype: {self.hessian_dtype!r} must be 'float32' or 'float64'")
-        if self.scale_dtype not in (None, "float16", "bfloat16", "float32"):
-            raise ConfigError(f"scale_dtype: {self.scale_dtype!r} must be float16, bfloat16, float32 or None (auto)")
-        if self.on_incompatible not in ("skip", "error"):
-            raise ConfigError(f"on_incompatible: {self.on_incompatible!r} must be 'skip' or 'error'")
+        if not isinstance(self.seed, int):
+            raise ConfigError(f"seed: {self.seed!r} must be an integer")
+        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
+                or not (0.0 <= self.smooth_alpha <= 1.0):
+            raise ConfigError(f"smooth_alpha: {self.smooth_alpha!r} must lie in [0, 1] (0: no smoothing)")
+        a = self.smooth_lm_head_alpha
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
+            raise ConfigError(f"smooth_lm_head_alpha: {a!r} must lie in [0, 1] (0: the lm_head pair unsmoothed) or be None "
+                              "(half of smooth_alpha)")
+
+    def _validate_choices(self) -> None:
         for name in ("targets", "ignore"):
             v = getattr(self, name)
             if isinstance(v, str):
@@ -187,14 +243,13 @@ class SparseGPTConfig:
                     re.compile(rx)
                 except re.error as e:
                     raise ConfigError(f"{name}: {rx!r} is not a valid regular expression ({e})") from None
-        from .sensitivity import ALLOCATIONS, METHODS
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed and not (getattr(self, f.name) is None and f.default is None):
+                raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} must be one of {list(allowed)}")
 
-        choices = {"allocation": ALLOCATIONS, "sensitivity": METHODS, "saliency": ("obs", "isc"),
-                   "update": ("obs", "admm"), "admm_mask": ("gradual", "obs"),
-                   "quant_order": QUANT_ORDERS}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}: {getattr(self, name)!r} must be one of {list(allowed)}")
+    def _validate_mixed(self) -> None:
+        n = self.nm[0]
         for name in ("probes", "refine_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -228,15 +283,6 @@ class SparseGPTConfig:
             raise ConfigError("mix_fraction: set mix_pattern too (e.g. '4:8')")
         if self.update == "admm" and self.pattern == "dense":
             raise ConfigError("update: 'admm' solves the weights on a pruning mask; pattern 'dense' prunes nothing")
-        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
-                or not (0.0 <= self.smooth_alpha <= 1.0):
-            raise ConfigError(f"smooth_alpha: {self.smooth_alpha!r} must lie in [0, 1] (0: no smoothing)")
-        a = self.smooth_lm_head_alpha
-        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
-            raise ConfigError(f"smooth_lm_head_alpha: {a!r} must lie in [0, 1] (0: the lm_head pair unsmoothed) or be None "
-                              "(half of smooth_alpha)")
-        if not isinstance(self.seed, int):
-            raise ConfigError(f"seed: {self.seed!r} must be an integer")
 
     # ------------------------------------------------------------------ derived
     @property

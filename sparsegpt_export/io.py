@@ -3,9 +3,8 @@
 The folder is a plain Hugging Face checkpoint (safetensors weights in the model's dtype, zeros included, which
 plain transformers loads without this package) plus:
 
-- ``sparsegpt_quant.safetensors``: per compressed layer ``<module>.scales`` [out, ngroups] in the scale dtype
-  and, for asymmetric grids, ``<module>.zeros`` (uint8); its metadata holds each layer's record (pattern, bits,
-  group size, shape) as JSON. With the weights these give every converter the exact integer codes.
+- ``sparsegpt_quant.safetensors``: the scales sidecar (`sparsegpt_export.records`), from which every converter
+  recovers the exact integer codes;
 - ``sparsegpt_config.json``: the `SparseGPTConfig` (JSON round trip);
 - ``sparsegpt_report.json``: per layer pattern, sparsity, bits, relative error, damping and time.
 
@@ -20,17 +19,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
-import torch
 
-from .config import SparseGPTConfig
-from .driver import CompressionResult, LayerRecord
+from .records import (CONFIG_FILE, FORMAT_VERSION, QUANT_FILE, REPORT_FILE, CompressionResult, load_config,
+                      load_records, write_sidecar)
 
-QUANT_FILE = "sparsegpt_quant.safetensors"
-CONFIG_FILE = "sparsegpt_config.json"
-REPORT_FILE = "sparsegpt_report.json"
-FORMAT_VERSION = 1
+__all__ = ["CONFIG_FILE", "FORMAT_VERSION", "QUANT_FILE", "REPORT_FILE", "OutputError", "atomic_dir", "check_writable",
+           "load_config", "load_records", "save_compressed", "save_streamed"]
 
 
 class OutputError(OSError):
@@ -78,8 +74,6 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
 
 
 def save_compressed(model: Any, tokenizer: Any, result: CompressionResult, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    from safetensors.torch import save_file
-
     from .models import strip_quantization_config
 
     with atomic_dir(out, overwrite) as tmp:
@@ -87,7 +81,7 @@ def save_compressed(model: Any, tokenizer: Any, result: CompressionResult, out: 
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _write_side_files(tmp, result)
+        write_sidecar(tmp, result)
     return Path(out)
 
 
@@ -128,55 +122,5 @@ def save_streamed(model: Any, tokenizer: Any, result: CompressionResult, out: st
             shutil.copyfile(gen, tmp / gen.name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _write_side_files(tmp, result)
+        write_sidecar(tmp, result)
     return Path(out)
-
-
-def _write_side_files(tmp: Path, result: CompressionResult) -> None:
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict] = {}
-    for name, rec in result.records.items():
-        layers[name] = {
-            "shape": list(rec.shape), "pattern": rec.pattern, "sparsity": rec.sparsity, "bits": rec.bits,
-            "group_size": rec.group_size, "sym": rec.sym,
-        }
-        if rec.scales is not None:
-            tensors[f"{name}.scales"] = rec.scales.contiguous()
-        if rec.zeros is not None:
-            tensors[f"{name}.zeros"] = rec.zeros.contiguous()
-    meta = {"format": "sparsegpt-compressed", "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
-    save_file(tensors, str(tmp / QUANT_FILE), metadata=meta)
-    result.config.to_json_file(tmp / CONFIG_FILE)
-    (tmp / REPORT_FILE).write_text(json.dumps(result.report, indent=2) + "\n")
-
-
-def load_records(folder: str | os.PathLike) -> dict[str, LayerRecord]:
-    """The layer records of a ``compress`` output (scales and zero points included)."""
-    from safetensors import safe_open
-
-    f = Path(folder) / QUANT_FILE
-    if not f.is_file():
-        raise FileNotFoundError(f"{folder}: no {QUANT_FILE}; is this the output of `sparsegpt-export compress`?")
-    with safe_open(str(f), framework="pt") as sf:
-        meta = sf.metadata() or {}
-        version = int(meta.get("format_version", "0"))
-        if version > FORMAT_VERSION:
-            raise ValueError(f"{f}: format_version {version} is newer than this package understands ({FORMAT_VERSION})")
-        layers = json.loads(meta.get("layers", "{}"))
-        keys = set(sf.keys())
-        records = {}
-        for name, d in layers.items():
-            records[name] = LayerRecord(
-                name=name, shape=tuple(d["shape"]), pattern=d["pattern"], sparsity=d["sparsity"], bits=d["bits"],
-                group_size=d["group_size"], sym=d["sym"],
-                scales=sf.get_tensor(f"{name}.scales") if f"{name}.scales" in keys else None,
-                zeros=sf.get_tensor(f"{name}.zeros") if f"{name}.zeros" in keys else None,
-            )
-    return records
-
-
-def load_config(folder: str | os.PathLike) -> Optional[SparseGPTConfig]:
-    f = Path(folder) / CONFIG_FILE
-    return SparseGPTConfig.from_json_file(f) if f.is_file() else None

@@ -115,6 +115,15 @@ class DiskStore:
     def fetch(self, bi: int, block: nn.Module, device: torch.device) -> None:
         self._load(block, [n for n, _ in block.named_parameters()], f"{self.blocks_path}.{bi}.", device)
 
+    def fetch_staged(self, bi: int, block: nn.Module, device: torch.device, path: Path) -> None:
+        """A finished block from its staged (compressed) file, to recompute the inputs of the next one on resume."""
+        from accelerate.utils import set_module_tensor_to_device
+        from safetensors.torch import load_file
+
+        prefix = f"{self.blocks_path}.{bi}."
+        for k, v in load_file(str(path)).items():
+            set_module_tensor_to_device(block, k[len(prefix):], device, value=v, dtype=self.dtype)
+
     def release(self, bi: int, block: nn.Module) -> None:
         self._drop(block, [n for n, _ in block.named_parameters()])
         hostmem.trim()

@@ -19,7 +19,8 @@ import torch
 
 from .calibration import DatasetSpec, get_calibration_data
 from .config import SparseGPTConfig
-from .driver import CompressionResult, compress_model
+from .pipeline import compress_model
+from .records import CompressionResult
 from .io import check_writable, save_compressed, save_streamed
 
 try:  # optimum is a dependency; keep the API usable if a broken install lacks it
@@ -148,7 +149,7 @@ class SparseGPTQuantizer(_Base):
             ckpt = self.offload_dir / f"{out.name}.sparsegpt-checkpoint"
         self._store = None
         if self.offload == "disk":
-            from .driver import find_blocks
+            from .anatomy import find_blocks
             from .offload import DiskStore, SafetensorsSource
 
             path, blocks = find_blocks(self.model)

@@ -32,10 +32,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .anatomy import get_weight
+from .config import ALLOCATIONS, METHODS  # the choices live with the config
+
 logger = logging.getLogger(__name__)
 
-METHODS = ("hutchinson", "fisher", "obd", "proxy")
-ALLOCATIONS = ("uniform", "sensitivity", "owl")
 MAX_SPARSITY = 0.99
 
 
@@ -94,8 +95,6 @@ def estimate(model: nn.Module, names: list[str], calib: torch.Tensor, *, method:
         raise SensitivityError(f"sensitivity: no module named {missing[0]!r} in {type(model).__name__}")
     if method == "proxy":
         stats = stats if stats is not None else input_statistics(model, names, calib, device=device, progress=progress)
-        from .driver import get_weight
-
         return {n: float(2.0 * stats[n].sum() * get_weight(modules[n]).float().pow(2).sum()) for n in names}
     if probes < 1:
         raise SensitivityError(f"probes: {probes!r} must be a positive integer")

@@ -131,3 +131,28 @@ def test_quantizer_quantize_and_resume_flag(saved_tiny, tmp_path):
     assert (out / "model.safetensors").is_file()
     assert not (tmp_path / ".q.sparsegpt-checkpoint").exists()
     assert all(nm_holds(q.model.get_submodule(r["layer"]).weight, 4, 8) for r in q.report["layers"])
+
+
+def test_explicit_flags_win_over_a_config_file(tmp_path):
+    """--config FILE then flags: a flag given wins even when it repeats the default (2:4 over a file's 4:8), a flag
+    not given keeps the file's value, and every config field has a flag with the field's default."""
+    import argparse
+    from dataclasses import fields
+
+    from sparsegpt_export.cli import add_compress_args, config_values
+
+    f = tmp_path / "c.json"
+    SparseGPTConfig(pattern="4:8", bits=3, group_size=64, sym=False, damp=0.05).to_json_file(f)
+    p = argparse.ArgumentParser()
+    add_compress_args(p)
+    args = p.parse_args(["m", "--out", "o", "--config", str(f), "--pattern", "2:4", "--group-size", "128", "--sym"])
+    cfg = SparseGPTConfig.from_dict(config_values(args))
+    assert (cfg.pattern, cfg.group_size, cfg.sym) == ("2:4", 128, True)  # explicit, each equal to the default
+    assert (cfg.bits, cfg.damp) == (3, 0.05)  # from the file
+    plain = SparseGPTConfig.from_dict(config_values(p.parse_args(["m", "--out", "o"])))
+    assert plain == SparseGPTConfig()
+    helptext = p.format_help()
+    for fl in fields(SparseGPTConfig):
+        if fl.metadata.get("cli", True):
+            flag = fl.metadata.get("negative") if isinstance(fl.default, bool) and fl.default else None
+            assert (flag or fl.metadata.get("flag") or "--" + fl.name.replace("_", "-")) in helptext, fl.name

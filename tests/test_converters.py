@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from conftest import compress_tiny, save_tiny
 from sparsegpt_export.cli import main
 from sparsegpt_export.converters import dense, sparse24
-from sparsegpt_export.driver import LayerRecord
+from sparsegpt_export.records import LayerRecord
 from sparsegpt_export.io import load_records
 
 CASES = {

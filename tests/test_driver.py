@@ -4,7 +4,8 @@ from torch import nn
 
 from conftest import ARCHS, make_model, nm_holds
 from sparsegpt_export.config import ConfigError, SparseGPTConfig
-from sparsegpt_export.driver import (UnsupportedModelError, block_linears, compress_model, find_blocks, get_weight)
+from sparsegpt_export.anatomy import UnsupportedModelError, block_linears, find_blocks, get_weight
+from sparsegpt_export.pipeline import compress_model
 from sparsegpt_export.solver import SolverError, expand_groups
 
 

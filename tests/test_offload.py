@@ -135,20 +135,21 @@ def test_disk_offload_chunks_windows_to_about_one_block(in_memory, tmp_path, mon
     """Streaming from disk on CPU, a chunk's block-forward activations are budgeted at one block's bytes (not 35% of
     free memory): with a per-window estimate of just over a third of a block, the 8 windows go 2 at a time, and the in-memory
     run given 2 per forward writes the same checkpoint."""
-    import sparsegpt_export.driver as drv
+    import sparsegpt_export.pipeline.loop as loop
+    from sparsegpt_export.anatomy import find_blocks
 
     root, saved = in_memory
-    real = drv.auto_batch_size
+    real = loop.auto_batch_size
     seen = {}
 
     def fake(model, nsamples, seqlen, device, budget=None):
         if budget is None:
             return real(model, nsamples, seqlen, device)
-        block = sum(p.numel() for p in drv.find_blocks(model)[1][0].parameters()) * 4
+        block = sum(p.numel() for p in find_blocks(model)[1][0].parameters()) * 4
         seen["budget"], seen["block"] = budget, block
         return max(1, min(nsamples, int(budget // (block / 3 + 1))))
 
-    monkeypatch.setattr(drv, "auto_batch_size", fake)
+    monkeypatch.setattr(loop, "auto_batch_size", fake)
     assert compress_tiny(saved, tmp_path / "disk", "--offload", "disk") == 0
     assert seen["budget"] == seen["block"]
     report = json.loads((tmp_path / "disk" / "sparsegpt_report.json").read_text())
@@ -178,10 +179,10 @@ def test_disk_offload_pins_host_memory_before_building_anything(in_memory, monke
 def test_out_of_memory_is_one_clear_error_and_resumes(in_memory, tmp_path, monkeypatch, capsys):
     """A process (a rank under torchrun) that runs out of memory in the middle of the run: exit code 1, a message
     naming the rank and what to lower, nothing at --out, and --resume finishes with the in-memory result."""
-    import sparsegpt_export.driver as driver
+    import sparsegpt_export.solver.update as update
 
     root, saved = in_memory
-    real, calls = driver.sparsegpt_solve, []
+    real, calls = update.sparsegpt_solve, []
 
     def solve(*a, **k):
         calls.append(1)
@@ -189,14 +190,14 @@ def test_out_of_memory_is_one_clear_error_and_resumes(in_memory, tmp_path, monke
             raise MemoryError()
         return real(*a, **k)
 
-    monkeypatch.setattr(driver, "sparsegpt_solve", solve)
+    monkeypatch.setattr(update, "sparsegpt_solve", solve)
     monkeypatch.setenv("RANK", "1")
     out = tmp_path / "out"
     assert compress_tiny(saved, out) == 1
     err = capsys.readouterr().err
     assert "out of memory on rank 1" in err and "--resume" in err and "--calib-batch-size" in err
     assert not out.exists()
-    monkeypatch.setattr(driver, "sparsegpt_solve", real)
+    monkeypatch.setattr(update, "sparsegpt_solve", real)
     monkeypatch.delenv("RANK")
     assert compress_tiny(saved, out, "--resume") == 0
     _same_output(root / "mem", out)

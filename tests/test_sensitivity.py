@@ -11,7 +11,7 @@ from torch import nn
 from conftest import make_model, save_tiny
 from sparsegpt_export import sensitivity as sens
 from sparsegpt_export.config import ConfigError, SparseGPTConfig
-from sparsegpt_export.driver import compress_model
+from sparsegpt_export.pipeline import compress_model
 from sparsegpt_export.quant import QuantSpec
 from sparsegpt_export.solver import HessianAccumulator, admm_prune, layer_error, sparsegpt_solve
 

@@ -11,7 +11,7 @@ import sparsegpt_export  # noqa: F401  (registers the sparse24 loader)
 from conftest import DATA, nm_holds
 from sparsegpt_export import SparseGPTQuantizer
 from sparsegpt_export.calibration import load_eval_text
-from sparsegpt_export.driver import block_linears, find_blocks, get_weight, set_weight
+from sparsegpt_export.anatomy import block_linears, find_blocks, get_weight, set_weight
 from sparsegpt_export.evaluation import perplexity
 from sparsegpt_export.solver import expand_groups, magnitude_prune
 

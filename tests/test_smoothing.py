@@ -5,7 +5,9 @@ import torch
 from conftest import make_model, nm_holds
 from sparsegpt_export import smoothing
 from sparsegpt_export.config import ConfigError, SparseGPTConfig
-from sparsegpt_export.driver import _first_hidden, capture_block_inputs, compress_model, find_blocks
+from sparsegpt_export.anatomy import find_blocks, first_hidden
+from sparsegpt_export.pipeline import compress_model
+from sparsegpt_export.pipeline.capture import capture_block_inputs
 
 
 def _with_outliers(arch: str):
@@ -48,7 +50,7 @@ def test_smoothing_keeps_the_function_and_flattens_outliers(arch, calib):
         assert set(factors) == {"self_attn.q_proj+self_attn.k_proj+self_attn.v_proj", "mlp.gate_proj+mlp.up_proj",
                                 "mlp.down_proj", "self_attn.o_proj"}
         with torch.no_grad():
-            chunks = [(_first_hidden(block(hs, **kw)), kw) for hs, kw in chunks]
+            chunks = [(first_hidden(block(hs, **kw)), kw) for hs, kw in chunks]
     with torch.no_grad():
         got = model(ids).logits
     assert float((got - want).norm() / want.norm()) < 1e-5  # the same function
@@ -118,7 +120,7 @@ def test_cli_smooth_alpha(tmp_path, capsys):
 
 
 def test_smooth_head_with_quantized_lm_head(calib):
-    from sparsegpt_export.driver import untie_lm_head
+    from sparsegpt_export.anatomy import untie_lm_head
 
     model = _with_outliers("llama")
     with torch.no_grad():

@@ -12,8 +12,8 @@ Torch only: this module knows nothing of transformers or of file formats.
         q_j = 0 where dropped, else the quantized w_j (group grid fitted to the weights that survive)
         err = (w_j - q_j) / U_jj;  W[:, j:] -= err * U[j, j:]     (OBS update, lazily per block)
 
-Beside it: ``saliency="isc"`` (Shao et al.'s w^2 ([H]_jj + 1/[H^-1]_jj) for the choice), a fixed ``mask`` for the
-sweep, and ``admm_prune``: least squares on a mask by ADMM (Boza, 2024), the mask fixed or chosen gradually.
+Beside it: ``saliency="isc"`` (Shao et al.'s w^2 ([H]_jj + 1/[H^-1]_jj) for the choice) and a fixed ``mask`` for
+the sweep (used after ADMM, `solver.admm`).
 """
 from __future__ import annotations
 
@@ -24,64 +24,11 @@ from typing import Optional
 
 import torch
 
-from .quant import QuantSpec, codes_of, fit_params, quantize
+from ..quant import QuantSpec, codes_of, fit_params, quantize
+from .errors import SolverError
 
 
 SALIENCIES = ("obs", "isc")
-
-
-class SolverError(RuntimeError):
-    """A layer could not be solved; the message names the layer."""
-
-
-class HessianAccumulator:
-    """Running mean of ``2 X^T X`` over calibration batches.
-
-    ``add(x)`` takes inputs of shape [..., cols]; the mean is kept normalised at every step
-    (``H <- H * n/(n+b) + 2/(n+b) X^T X``) so that it never grows with the number of tokens.
-    """
-
-    def __init__(self, cols: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, name: str = ""):
-        self.H = torch.zeros(cols, cols, device=device, dtype=dtype)
-        self.nsamples = 0
-        self.name = name
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        b = x.shape[0]
-        if b == 0:
-            return
-        if x.dtype != self.H.dtype:
-            x = x.to(self.H.dtype)
-        x = x.to(self.H.device)
-        total = self.nsamples + b
-        self.H.mul_(self.nsamples / total)
-        if self.H.device.type == "cpu" and x.shape[1] >= 512:
-            _add_xtx_symmetric(self.H, x, 2.0 / total)
-        else:
-            self.H.addmm_(x.t(), x, alpha=2.0 / total)
-        self.nsamples = total
-        if not torch.isfinite(self.H).all():
-            raise SolverError(
-                f"layer {self.name or '?'}: calibration inputs contain NaN or Inf (check the model's dtype, "
-                "the calibration data, and the layers before this one)"
-            )
-
-
-def _add_xtx_symmetric(H: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
-    """``H += alpha * x^T x`` computing only the upper block triangle (about a third less work on CPU)."""
-    d = x.shape[1]
-    nb = min(4, d // 256)
-    cuts = [(i * d) // nb for i in range(nb + 1)]
-    for i in range(nb):
-        a, b = cuts[i], cuts[i + 1]
-        xi = x[:, a:b]
-        for j in range(i, nb):
-            c, e = cuts[j], cuts[j + 1]
-            blk = xi.t().matmul(x[:, c:e])
-            H[a:b, c:e].add_(blk, alpha=alpha)
-            if j > i:
-                H[c:e, a:b].add_(blk.t(), alpha=alpha)
 
 
 @dataclass
@@ -200,133 +147,168 @@ def sparsegpt_solve(
         raise SolverError(f"layer {name}: saliency {saliency!r} is not one of {SALIENCIES}")
     t0 = time.perf_counter()
     rows, cols = W.shape
-    hdtype = H.dtype
     W0 = W.detach().to(torch.float32)
     prune = n > 0 or sparsity > 0 or mask is not None
     if not prune and quant is None:
         return SolveResult(weight=W0.clone(), mask=torch.zeros_like(W0, dtype=torch.bool), seconds=time.perf_counter() - t0)
     if n and cols % m:
         raise SolverError(f"layer {name}: {cols} input columns are not a multiple of M={m} for the {n}:{m} pattern")
-
-    Wf = W0.to(hdtype).clone()
-    dead = torch.diag(H) == 0
-    if bool(dead.any()):  # the caller's H is not modified: copy only when there is something to change
-        H = H.clone()
-        H[dead, dead] = 1.0
-    Wf[:, dead] = 0.0
-    U, used_damp, escalations = factor if factor is not None else _inverse_cholesky(H, damp, name)
-    if bool(dead.any()):
-        H[dead, dead] = 0.0
-    # ISC's [H]_jj term, on the damped diagonal the OBS factor was computed from
-    hdiag = torch.diag(H) + used_damp * torch.mean(torch.diag(H)) if saliency == "isc" else None
-    fixed = mask.to(W.device, torch.bool) if mask is not None else None
-    if fixed is not None:
-        if fixed.shape != W.shape:
-            raise SolverError(f"layer {name}: mask of shape {tuple(fixed.shape)} for a weight of {tuple(W.shape)}")
-        Wf[fixed] = 0.0
-
-    def cost(w: torch.Tensor, lo: int, hi: int, d: torch.Tensor) -> torch.Tensor:
-        """Saliency of the columns lo:hi of the current block (``d`` their U diagonal)."""
-        if hdiag is None:
-            return w / d.reshape(1, -1) ** 2
-        return w * (hdiag[i1 + lo:i1 + hi].reshape(1, -1) + 1.0 / d.reshape(1, -1) ** 2)
-
+    sweep = _Sweep.start(W0, H, factor, damp, saliency, mask, name)
+    sweep.n, sweep.m, sweep.sparsity, sweep.prune = n, m, sparsity, prune
+    sweep.mask_blocksize, sweep.fit_scales_to_kept = mask_blocksize, fit_scales_to_kept
+    sweep.set_grid(quant)
     g = quant.group_size if quant is not None else None
     if g and g < cols:
         # groups must not straddle a lazy block: make the block a multiple of the group
         blocksize = max(blocksize // g, 1) * g
-    maxq = quant.maxq if quant is not None else 0
-    ngroups = quant.ngroups(cols) if quant is not None else 0
-    scales = torch.zeros(rows, ngroups, dtype=torch.float32, device=W.device) if quant else None
-    zeros = torch.zeros(rows, ngroups, dtype=torch.float32, device=W.device) if quant else None
-    if quant is not None and not g:
-        # per channel: one grid per row, fitted on the whole row up front (as GPTQ does)
-        keep0 = None
-        if fixed is not None:
-            keep0 = ~fixed
-        elif prune and fit_scales_to_kept:
-            keep0 = ~_provisional_mask(Wf, U, sparsity, n, m, hdiag)
-        s, z = fit_params(Wf.float(), quant, keep0, _obs_weight(U))
-        scales[:, 0:1], zeros[:, 0:1] = s, z
-
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    # unstructured: per mask block, prune an exact share so that the layer's total is round(sparsity*numel)
     for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        W1 = Wf[:, i1:i2].clone()
+        sweep.block(i1, min(i1 + blocksize, cols))
+    return sweep.finish(W0, H, refit_scales, measure, t0)
+
+
+class _Sweep:
+    """The state of one SparseGPT sweep over a matrix's columns: the weights being updated (``Wf``, in H's dtype),
+    the inverse Cholesky factor ``U``, the mask and the group grids. ``block(i1, i2)`` does one lazy block."""
+
+    n = m = 0
+    sparsity = 0.0
+    prune = True
+    mask_blocksize = 128
+    fit_scales_to_kept = True
+    quant: Optional[QuantSpec] = None
+    scales = zeros = None
+    grid_cache: tuple = (None, None, None)  # (group index, scale column, zero column)
+
+    @classmethod
+    def start(cls, W0, H, factor, damp, saliency, mask, name) -> "_Sweep":
+        """Dead inputs zeroed, the factor of the damped Hessian, ISC's diagonal, the fixed mask applied."""
+        self = cls()
+        self.Wf = W0.to(H.dtype).clone()
+        self.hdtype = H.dtype
+        dead = torch.diag(H) == 0
+        self.dead = int(dead.sum().item())
+        if self.dead:  # the caller's H is not modified: copy only when there is something to change
+            H = H.clone()
+            H[dead, dead] = 1.0
+        self.Wf[:, dead] = 0.0
+        self.U, self.damp, self.escalations = factor if factor is not None else _inverse_cholesky(H, damp, name)
+        if self.dead:
+            H[dead, dead] = 0.0
+        # ISC's [H]_jj term, on the damped diagonal the OBS factor was computed from
+        self.hdiag = torch.diag(H) + self.damp * torch.mean(torch.diag(H)) if saliency == "isc" else None
+        self.fixed = mask.to(W0.device, torch.bool) if mask is not None else None
+        if self.fixed is not None:
+            if self.fixed.shape != W0.shape:
+                raise SolverError(f"layer {name}: mask of shape {tuple(self.fixed.shape)} for a weight of {tuple(W0.shape)}")
+            self.Wf[self.fixed] = 0.0
+        self.mask = torch.zeros(W0.shape, dtype=torch.bool, device=W0.device)
+        return self
+
+    def set_grid(self, quant: Optional[QuantSpec]) -> None:
+        """Room for the group scales; per channel, one grid per row fitted on the whole row up front (as GPTQ)."""
+        self.quant = quant
+        if quant is None:
+            return
+        rows, cols = self.Wf.shape
+        self.g = quant.group_size
+        self.scales = torch.zeros(rows, quant.ngroups(cols), dtype=torch.float32, device=self.Wf.device)
+        self.zeros = torch.zeros(rows, quant.ngroups(cols), dtype=torch.float32, device=self.Wf.device)
+        if not self.g:
+            keep0 = None
+            if self.fixed is not None:
+                keep0 = ~self.fixed
+            elif self.prune and self.fit_scales_to_kept:
+                keep0 = ~_provisional_mask(self.Wf, self.U, self.sparsity, self.n, self.m, self.hdiag)
+            s, z = fit_params(self.Wf.float(), quant, keep0, _obs_weight(self.U))
+            self.scales[:, 0:1], self.zeros[:, 0:1] = s, z
+
+    def cost(self, w: torch.Tensor, col: int, d: torch.Tensor) -> torch.Tensor:
+        """Saliency of ``w`` (squared weights, or a gain), whose first column is column ``col`` of the matrix
+        (``d`` their U diagonal)."""
+        if self.hdiag is None:
+            return w / d.reshape(1, -1) ** 2
+        return w * (self.hdiag[col:col + w.shape[1]].reshape(1, -1) + 1.0 / d.reshape(1, -1) ** 2)
+
+    def block(self, i1: int, i2: int) -> None:
+        """Columns i1:i2: mask, quantize and OBS-update column by column inside the block, then the block's errors
+        onto the columns after it (the lazy update)."""
+        W1 = self.Wf[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
+        U1 = self.U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        scale_c = zero_c = None
-        for i in range(count):
-            col = i1 + i
-            if fixed is not None:
-                if i == 0:
-                    mask1 = fixed[:, i1:i2].clone()
-            elif prune and not n and i % mask_blocksize == 0:
-                j2 = min(i + mask_blocksize, count)
-                tmp = cost(W1[:, i:j2] ** 2, i, j2, d1[i:j2])
-                k = round(sparsity * rows * (col + j2 - i)) - round(sparsity * rows * col)
-                mask1[:, i:j2] = _choose_unstructured(tmp, k)
-            if quant is not None and g and col % g == 0:
-                ge = min(i + g, count)
-                keep = None
-                if fixed is not None:
-                    keep = ~mask1[:, i:ge]
-                elif prune and fit_scales_to_kept:
-                    keep = ~mask1[:, i:ge] if not n else ~_choose_nm(cost(W1[:, i:ge] ** 2, i, ge, d1[i:ge]), n, m)
-                s, z = fit_params(W1[:, i:ge].float(), quant, keep, 1.0 / d1[i:ge].float() ** 2)
-                scales[:, col // g:col // g + 1], zeros[:, col // g:col // g + 1] = s, z
-            if quant is not None:
-                gi = col // g if g else 0
-                scale_c = scales[:, gi].to(hdtype).reshape(-1, 1)
-                zero_c = zeros[:, gi].to(hdtype).reshape(-1, 1)
-            if n and fixed is None and i % m == 0:
-                wm = W1[:, i:i + m]
-                # OBS cost of dropping a weight, less what keeping it would cost anyway (its quantization error)
-                gain = wm**2 if quant is None else wm**2 - (wm - quantize(wm, scale_c, zero_c, maxq)) ** 2
-                mask1[:, i:i + m] = _choose_nm(cost(gain, i, i + m, d1[i:i + m]), n, m)
+        mask1 = self.fixed[:, i1:i2].clone() if self.fixed is not None else torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            scale_c, zero_c = self.choose(W1, mask1, d1, i1, i)
             w = W1[:, i]
-            if quant is not None:
-                q = quantize(w, scale_c[:, 0], zero_c[:, 0], maxq)
-            else:
-                q = w.clone()
+            q = quantize(w, scale_c[:, 0], zero_c[:, 0], self.quant.maxq) if self.quant is not None else w.clone()
             q.masked_fill_(mask1[:, i], 0.0)
             Q1[:, i] = q
             err = (w - q).div_(d1[i])
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
             Err1[:, i] = err
-        Wf[:, i1:i2] = Q1
-        mask[:, i1:i2] = mask1
-        if i2 < cols:
-            Wf[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+        self.Wf[:, i1:i2] = Q1
+        self.mask[:, i1:i2] = mask1
+        if i2 < self.Wf.shape[1]:
+            self.Wf[:, i2:] -= Err1.matmul(self.U[i1:i2, i2:])
 
-    Wq = Wf.to(torch.float32)
-    Wq[mask] = 0.0  # exact zeros (also of dead inputs already zeroed)
-    if quant is not None and refit_scales:
-        Wq, scales, num, den = _refit_scales(Wq, W0, H, scales, quant)
-    elif measure:
-        num, den = quad_form(Wq, H, W0), quad_form(W0, H)
-    else:
-        num = den = 0.0
-    rel = num / den if den > 0 else 0.0
-    return SolveResult(
-        weight=Wq,
-        mask=mask,
-        scales=scales,
-        zeros=zeros,
-        damp=used_damp,
-        damp_escalations=escalations,
-        rel_error=rel,
-        seconds=time.perf_counter() - t0,
-        dead_inputs=int(dead.sum().item()),
-        error=num,
-        norm=den,
-        factor=(U, used_damp, escalations),
-    )
+    def choose(self, W1, mask1, d1, i1: int, i: int):
+        """Before column ``i`` of the block: the unstructured mask of its mask block, its group's grid, and the
+        N:M mask of its group of M. Returns the column's (scale, zero) as [rows, 1], or (None, None)."""
+        col = i1 + i
+        count = W1.shape[1]
+        if self.fixed is None and self.prune and not self.n and i % self.mask_blocksize == 0:
+            j2 = min(i + self.mask_blocksize, count)
+            tmp = self.cost(W1[:, i:j2] ** 2, col, d1[i:j2])
+            rows = W1.shape[0]
+            k = round(self.sparsity * rows * (col + j2 - i)) - round(self.sparsity * rows * col)
+            mask1[:, i:j2] = _choose_unstructured(tmp, k)
+        scale_c = zero_c = None
+        if self.quant is not None:
+            if self.g and col % self.g == 0:
+                self.fit_group(W1, mask1, d1, i1, i)
+            gi = col // self.g if self.g else 0
+            if self.grid_cache[0] != gi:  # the group's grid as columns, once per group
+                self.grid_cache = (gi, self.scales[:, gi].to(self.hdtype).reshape(-1, 1),
+                                   self.zeros[:, gi].to(self.hdtype).reshape(-1, 1))
+            scale_c, zero_c = self.grid_cache[1], self.grid_cache[2]
+        if self.n and self.fixed is None and i % self.m == 0:
+            wm = W1[:, i:i + self.m]
+            # OBS cost of dropping a weight, less what keeping it would cost anyway (its quantization error)
+            gain = wm**2 if self.quant is None else wm**2 - (wm - quantize(wm, scale_c, zero_c, self.quant.maxq)) ** 2
+            mask1[:, i:i + self.m] = _choose_nm(self.cost(gain, col, d1[i:i + self.m]), self.n, self.m)
+        return scale_c, zero_c
+
+    def fit_group(self, W1, mask1, d1, i1: int, i: int) -> None:
+        """The grid of the group starting at column ``i`` of the block, fitted to the weights that survive."""
+        col = i1 + i
+        ge = min(i + self.g, W1.shape[1])
+        keep = None
+        if self.fixed is not None:
+            keep = ~mask1[:, i:ge]
+        elif self.prune and self.fit_scales_to_kept:
+            keep = ~mask1[:, i:ge] if not self.n else ~_choose_nm(self.cost(W1[:, i:ge] ** 2, col, d1[i:ge]), self.n, self.m)
+        s, z = fit_params(W1[:, i:ge].float(), self.quant, keep, 1.0 / d1[i:ge].float() ** 2)
+        self.scales[:, col // self.g:col // self.g + 1], self.zeros[:, col // self.g:col // self.g + 1] = s, z
+        self.grid_cache = (None, None, None)
+
+    def finish(self, W0, H, refit_scales: bool, measure: bool, t0: float) -> SolveResult:
+        """Exact zeros on the mask, the scales refitted (with a grid), the layer error measured."""
+        Wq = self.Wf.to(torch.float32)
+        Wq[self.mask] = 0.0  # exact zeros (also of dead inputs already zeroed)
+        scales = self.scales
+        if self.quant is not None and refit_scales:
+            Wq, scales, num, den = _refit_scales(Wq, W0, H, scales, self.quant)
+        elif measure:
+            num, den = quad_form(Wq, H, W0), quad_form(W0, H)
+        else:
+            num = den = 0.0
+        return SolveResult(
+            weight=Wq, mask=self.mask, scales=scales, zeros=self.zeros, damp=self.damp,
+            damp_escalations=self.escalations, rel_error=num / den if den > 0 else 0.0,
+            seconds=time.perf_counter() - t0, dead_inputs=self.dead, error=num, norm=den,
+            factor=(self.U, self.damp, self.escalations),
+        )
 
 
 def _obs_weight(U: torch.Tensor) -> torch.Tensor:
@@ -412,83 +394,6 @@ def quad_form(A: torch.Tensor, H: torch.Tensor, minus: Optional[torch.Tensor] = 
             a = a - minus[r:r + step].to(H.dtype)
         total += (a.matmul(H) * a).sum().item()
     return total
-
-
-def admm_prune(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    *,
-    sparsity: float = 0.5,
-    n: int = 0,
-    m: int = 0,
-    iters: int = 40,
-    mask_steps: int = 30,
-    mask: Optional[torch.Tensor] = None,
-    damp: float = 0.01,
-    rho: float = 1.0,
-    name: str = "",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least squares on a sparsity mask by ADMM (Boza 2024): ``min (W' - W) H (W' - W)^T`` with W' zero on the mask.
-
-    With ``mask`` (True = pruned) given, the mask stays fixed. Otherwise it is chosen gradually: over the first
-    ``mask_steps`` of the ``iters`` iterations the sparsity grows cubically to its target, each step pruning the
-    weights of smallest OBS saliency ``|W + U| / sqrt([H^-1]_jj)`` (N:M: among the weights the N:M rule would drop,
-    so the last step is exactly N:M). The problem is solved in coordinates scaled by ``sqrt(diag H)``, with
-    ``damp * mean(diag)`` added to the Hessian and one ``(H + rho I)^-1`` for all iterations.
-    Returns ``(weight [rows, cols] float32 with exact zeros on the mask, mask)``.
-    """
-    rows, cols = W.shape
-    if n and cols % m:
-        raise SolverError(f"layer {name}: {cols} input columns are not a multiple of M={m} for the {n}:{m} pattern")
-    if mask is None and mask_steps < 1:
-        raise SolverError(f"layer {name}: ADMM needs a mask or mask_steps >= 1")
-    dt = torch.float64 if H.dtype == torch.float64 else torch.float32
-    Hd = H.to(dt)
-    diag = torch.diag(Hd)
-    dead = diag <= 0
-    norm = torch.where(dead, torch.ones_like(diag), diag.clamp(min=0).sqrt())
-    Hn = Hd / norm[:, None] / norm[None, :]
-    Hn[dead, :] = 0.0
-    Hn[:, dead] = 0.0
-    idx = torch.arange(cols, device=H.device)
-    Hn[idx, idx] = torch.where(dead, torch.ones_like(diag), torch.diag(Hn)) + damp * torch.diag(Hn).mean()
-    Wn = W.detach().to(dt) * norm[None, :]
-    Wn[:, dead] = 0.0
-    target = Wn.matmul(Hn)
-
-    def inverse(A: torch.Tensor) -> torch.Tensor:
-        L, info = torch.linalg.cholesky_ex(A)
-        if info.item():
-            raise SolverError(f"layer {name}: ADMM system is not positive definite")
-        return torch.cholesky_inverse(L)
-
-    A = Hn.clone()
-    A[idx, idx] += rho
-    Ainv = inverse(A)
-    # OBS saliency in the scaled coordinates: |w| / sqrt([H^-1]_jj)
-    obs_scale = torch.diag(inverse(Hn)).clamp(min=1e-30).rsqrt()[None, :] if mask is None else None
-    keep = None if mask is None else ~mask.to(W.device, torch.bool)
-    full = (1.0 - n / m) if n else sparsity
-    X, U = Wn.clone(), torch.zeros_like(Wn)
-    for t in range(iters):
-        if mask is None and t < mask_steps:
-            cur = full * (1.0 - (1.0 - (t + 1) / mask_steps) ** 3)
-            score = (X + U).abs() * obs_scale
-            k = round(cur * score.numel())
-            if n:  # among the weights the N:M rule would drop, the k of smallest saliency
-                cand = _choose_nm(score, n, m)
-                drop = torch.zeros_like(cand)
-                drop[cand] = _smallest(score[cand], k)
-                keep = ~drop
-            else:
-                keep = ~_choose_unstructured(score, k)
-        Z = (X + U) * keep
-        U = U + X - Z
-        X = (target + rho * (Z - U)).matmul(Ainv)
-    Z = (X + U) * keep
-    out = (Z / norm[None, :]).to(torch.float32)
-    out[:, dead] = 0.0
-    return out, ~keep
 
 
 def magnitude_prune(W: torch.Tensor, *, sparsity: float = 0.5, n: int = 0, m: int = 0) -> torch.Tensor:

@@ -1,0 +1,142 @@
+"""The state of one compression run, in one object that the pipeline's parts pass around (no closures), and the
+small helpers that set it up (device, batch size, scale dtype)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, SparseGPTConfig, parse_pattern
+from ..quant import QuantSpec
+from ..records import LayerRecord
+from ..solver import LayerTask, SolveOptions
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} was asked for but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_scale_dtype(config: SparseGPTConfig, model_dtype: torch.dtype) -> torch.dtype:
+    if config.scale_dtype:
+        return getattr(torch, config.scale_dtype)
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def auto_batch_size(model: nn.Module, nsamples: int, seqlen: int, device: torch.device,
+                    budget: Optional[float] = None) -> int:
+    """How many calibration windows go through a block at once: all of them when the activations fit in
+    ``budget`` bytes (default: 35% of the device's free memory)."""
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 16)
+    per_sample = seqlen * (8 * hidden + 4 * inter) * 4 + heads * seqlen * seqlen * 4
+    budget = 0.35 * available_bytes(device) if budget is None else budget
+    return max(1, min(nsamples, int(budget // max(per_sample, 1))))
+
+
+def hash_tensor(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def solve_options(config: SparseGPTConfig, scale_dtype: torch.dtype) -> SolveOptions:
+    quant = QuantSpec(config.bits, config.group_size, config.sym, scale_dtype, config.clip_search) if config.bits else None
+    return SolveOptions(quant=quant, update=config.update, quant_order=config.quant_order, saliency=config.saliency,
+                        blocksize=config.blocksize, mask_blocksize=config.mask_blocksize, damp=config.damp,
+                        fit_scales_to_kept=config.fit_scales_to_kept, refit_scales=config.refit_scales,
+                        refine_steps=config.refine_steps, admm_mask=config.admm_mask)
+
+
+class Progress:
+    """A tqdm bar over the blocks (nothing when disabled or without tqdm)."""
+
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="block", dynamic_ncols=True)
+            except ImportError:  # pragma: no cover
+                self.bar = None
+
+    def postfix(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class RunState:
+    """Everything a compression run shares between its parts. The parts read the settings and add to ``records``,
+    ``rows`` and ``prof``; nothing else is mutated behind their back."""
+
+    config: SparseGPTConfig
+    device: torch.device
+    path: str  # the dotted path of the block list
+    blocks: nn.ModuleList
+    opts: SolveOptions
+    scale_dtype: torch.dtype
+    hdtype: torch.dtype
+    plan: dict
+    dist: Any = None  # distributed.Dist under torchrun, else None
+    store: Any = None  # offload.DiskStore with --offload disk
+    ckpt: Optional[Path] = None
+    run_key: str = ""
+    model_name: str = ""
+    bar: Any = None
+    records: dict[str, LayerRecord] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    prof: dict[str, float] = field(default_factory=lambda: {
+        "capture_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0, "block_forward_s": 0.0, "checkpoint_s": 0.0})
+
+    def time(self, key: str, seconds: float) -> None:
+        self.prof[key] = self.prof.get(key, 0.0) + seconds
+
+    def task(self, lname: str, prune: bool = True) -> tuple[str, LayerTask]:
+        """The layer's pattern (from the plan, else the config's) and what its solve does."""
+        pattern = self.plan["pattern"].get(lname, self.config.pattern)
+        prune = prune and self.config.prunes and pattern != "dense"
+        n, m = parse_pattern(pattern) if prune else (0, 0)
+        sparsity = self.plan["sparsity"].get(lname, self.config.sparsity) if prune else 0.0
+        return pattern, LayerTask(prune=prune, n=n, m=m, sparsity=sparsity)
+
+    def postfix(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.postfix(text)
+
+
+def run_key(config: SparseGPTConfig, calib: torch.Tensor, model_name: str, num_blocks: int, world: int) -> str:
+    """What a checkpoint must match to be resumed: the config, the calibration data, the model and the ranks."""
+    return hashlib.sha256(
+        (json.dumps(config.to_dict(), sort_keys=True) + hash_tensor(calib) + model_name + str(num_blocks)
+         + (f"|world={world}" if world > 1 else "")).encode()
+    ).hexdigest()[:16]

@@ -1,0 +1,17 @@
+"""The solver: one weight matrix and its layer Hessian in, the compressed matrix out. Torch only: it knows
+nothing of transformers or of file formats.
+
+- `hessian`: ``H = 2/n X^T X`` streamed from calibration inputs (`HessianAccumulator`);
+- `obs`: SparseGPT's column sweep with joint quantization (`sparsegpt_solve`), the layer error;
+- `admm`: least squares on a mask by ADMM (`admm_prune`);
+- `update`: the weight-update strategies behind one interface (`solve_layer`, `LayerTask`, `SolveOptions`).
+"""
+from .admm import admm_prune
+from .errors import SolverError
+from .hessian import HessianAccumulator
+from .obs import SALIENCIES, SolveResult, expand_groups, layer_error, magnitude_prune, quad_form, sparsegpt_solve
+from .update import UPDATES, LayerTask, SolveOptions, row_separable, solve_layer
+
+__all__ = ["SALIENCIES", "UPDATES", "HessianAccumulator", "LayerTask", "SolveOptions", "SolveResult", "SolverError",
+           "admm_prune", "expand_groups", "layer_error", "magnitude_prune", "quad_form", "row_separable",
+           "solve_layer", "sparsegpt_solve"]

@@ -1,0 +1,119 @@
+"""The weight update of one layer, behind one interface: ``solve_layer(W, H, task, options)``.
+
+- ``obs``: SparseGPT's sweep (`solver.obs`). With quantization and ``quant_order="after-mask"`` the mask and the
+  OBS update come first, unquantized; a second sweep then quantizes the kept weights on that fixed mask.
+- ``admm``: least squares on the mask by ADMM (`solver.admm`), the SparseGPT sweep as its reference; with
+  quantization a sweep then quantizes the ADMM weights with the mask fixed.
+
+A new strategy is one class with ``solve(W, H, task, options, name, measure)`` registered in ``UPDATES``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..quant import QuantSpec
+from .admm import admm_prune
+from .obs import SolveResult, layer_error, quad_form, sparsegpt_solve
+
+
+@dataclass(frozen=True)
+class LayerTask:
+    """What one weight matrix gets: pruned (N:M when ``n``, else unstructured at ``sparsity``) or not."""
+
+    prune: bool
+    n: int = 0
+    m: int = 0
+    sparsity: float = 0.0
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """The solver settings of a run (from `SparseGPTConfig`)."""
+
+    quant: Optional[QuantSpec] = None
+    update: str = "obs"
+    quant_order: str = "after-mask"
+    saliency: str = "obs"
+    blocksize: int = 128
+    mask_blocksize: int = 128
+    damp: float = 0.01
+    fit_scales_to_kept: bool = True
+    refit_scales: bool = True
+    refine_steps: int = 40
+    admm_mask: str = "gradual"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def sweep_kwargs(self, name: str) -> dict[str, Any]:
+        return dict(quant=self.quant, blocksize=self.blocksize, mask_blocksize=self.mask_blocksize, damp=self.damp,
+                    fit_scales_to_kept=self.fit_scales_to_kept, refit_scales=self.refit_scales, name=name)
+
+
+class ObsUpdate:
+    """SparseGPT's column sweep (the mask chosen, the error spread by the OBS update)."""
+
+    def solve(self, W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOptions, name: str,
+              measure: bool = True) -> tuple[SolveResult, dict]:
+        common = opts.sweep_kwargs(name)
+        if not (task.prune and opts.quant is not None and opts.quant_order == "after-mask"):
+            return sparsegpt_solve(W, H, sparsity=task.sparsity, n=task.n, m=task.m, saliency=opts.saliency,
+                                   measure=measure, **common), {}
+        # the mask and the OBS update first, unquantized; then the kept weights quantized on that mask
+        pruned = sparsegpt_solve(W, H, sparsity=task.sparsity, n=task.n, m=task.m, saliency=opts.saliency,
+                                 measure=False, **{**common, "quant": None, "refit_scales": False})
+        out = sparsegpt_solve(pruned.weight, H, mask=pruned.mask, factor=pruned.factor, **common)
+        pruned.factor = out.factor = None
+        if measure:  # against the weights before both sweeps
+            out.error, out.norm = quad_form(out.weight, H, W), quad_form(W, H)
+            out.rel_error = out.error / out.norm if out.norm > 0 else 0.0
+        out.damp, out.damp_escalations = pruned.damp, pruned.damp_escalations
+        return out, {}
+
+
+class AdmmUpdate:
+    """Least squares on the mask by ADMM, measured against the SparseGPT sweep it starts from."""
+
+    def solve(self, W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOptions, name: str,
+              measure: bool = True) -> tuple[SolveResult, dict]:
+        common = opts.sweep_kwargs(name)
+        # the SparseGPT sweep (unquantized) is the reference, and the fixed mask when admm_mask is "obs"
+        obs = sparsegpt_solve(W, H, sparsity=task.sparsity, n=task.n, m=task.m, saliency=opts.saliency,
+                              **{**common, "quant": None, "refit_scales": False})
+        steps = opts.refine_steps
+        Wa, mask = admm_prune(W, H, sparsity=task.sparsity, n=task.n, m=task.m, iters=steps, damp=opts.damp,
+                              mask_steps=max(1, (3 * steps) // 4), name=name,
+                              mask=obs.mask if opts.admm_mask == "obs" else None)
+        admm_err = layer_error(Wa, W.float(), H)
+        extra = {"obs_rel_error": obs.rel_error, "admm_rel_error": admm_err,
+                 "admm_error_reduction": (1.0 - admm_err / obs.rel_error) if obs.rel_error > 0 else 0.0}
+        if opts.quant is not None:
+            res = sparsegpt_solve(Wa, H, mask=mask, **common)
+            res.rel_error = layer_error(res.weight, W.float(), H)
+        else:
+            res = SolveResult(weight=Wa, mask=mask, damp=obs.damp, damp_escalations=obs.damp_escalations,
+                              rel_error=admm_err, dead_inputs=obs.dead_inputs)
+        return res, extra
+
+
+UPDATES = {"obs": ObsUpdate(), "admm": AdmmUpdate()}
+
+
+def solve_layer(W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOptions, *, name: str = "",
+                measure: bool = True) -> tuple[SolveResult, dict]:
+    """The compressed weight of one matrix (or of stacked matrices sharing ``H``) and the update's extra report
+    fields. A layer that is not pruned always takes the sweep (quantization alone is GPTQ)."""
+    update = UPDATES[opts.update] if task.prune else UPDATES["obs"]
+    return update.solve(W, H, task, opts, name, measure)
+
+
+def row_separable(opts: SolveOptions, tasks: list[LayerTask]) -> bool:
+    """Whether solving these layers is row by row (N:M masks, or no pruning, with the OBS sweep): then a share of
+    the rows solved alone gives what the whole matrix's solve gives those rows. Unstructured masks rank the
+    weights of all rows together, and ADMM's gradual mask does too."""
+    if not any(t.prune for t in tasks):
+        return True
+    if opts.update != "obs":
+        return False
+    return all(not t.prune or t.n > 0 for t in tasks)
