@@ -95,15 +95,20 @@ def _call(what: str, fn, *args, **kwargs):
         ) from None
 
 
-def shard(calib: torch.Tensor, d: Optional[Dist]) -> torch.Tensor:
-    """This rank's contiguous share of the calibration windows (sizes differ by at most one)."""
+def shard(calib: torch.Tensor, d: Optional[Dist], group: int = 1) -> torch.Tensor:
+    """This rank's contiguous share of the calibration windows: whole groups of ``group`` windows (the Hessian's
+    groups, so that each share starts at one: see ``solver.hessian``), the shares differing by at most one group.
+    With fewer groups than ranks the windows are split one by one."""
     if d is None:
         return calib
     n = calib.shape[0]
     if n < d.world:
         raise DistributedError(f"nsamples={n} calibration windows cannot be split across {d.world} ranks; "
                                f"use at least {d.world} windows or fewer ranks")
-    lo, hi = (d.rank * n) // d.world, ((d.rank + 1) * n) // d.world
+    ng = -(-n // group)
+    if ng < d.world:
+        group, ng = 1, n
+    lo, hi = (d.rank * ng) // d.world * group, min(((d.rank + 1) * ng) // d.world * group, n)
     return calib[lo:hi]
 
 
@@ -124,18 +129,20 @@ def check_same(d: Dist, **parts: str) -> None:
                 "model and calibration data")
 
 
-def all_reduce_hessian(d: Dist, H: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """The Hessian over all ranks' tokens from each rank's mean ``H`` over its ``n`` tokens."""
+def all_reduce_hessian(d: Dist, total: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """The float64 sum of ``X^T X`` and the token count over all ranks, from each rank's own."""
     import torch.distributed as dist
 
-    total = torch.tensor([float(n)], dtype=torch.float64, device=d.device)
-    _call("all-reduce of the token count", dist.all_reduce, total)
-    s = (H.to(d.device, torch.float64) * n)
+    count = torch.tensor([float(n)], dtype=torch.float64, device=d.device)
+    _call("all-reduce of the token count", dist.all_reduce, count)
+    s = total.to(d.device, torch.float64).clone()
     _call("all-reduce of a Hessian", dist.all_reduce, s)
-    ntot = int(total.item())
-    if ntot == 0:
-        return H, 0
-    return (s / ntot).to(H.device, H.dtype), ntot
+    return s.to(total.device), int(count.item())
+
+
+def all_gather_json(d: Dist, obj: Any) -> list:
+    """Every rank's JSON-able ``obj``, in rank order, on every rank."""
+    return [broadcast_json(d, obj if r == d.rank else None, r) for r in range(d.world)]
 
 
 def row_range(rows: int, d: Dist) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -3, -4, -8
 _GLIBC_MMAP_MAX_DEFAULT, _GLIBC_TRIM_DEFAULT = 65536, 128 * 1024
 
 
@@ -50,16 +50,20 @@ def trim() -> None:
 @contextlib.contextmanager
 def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """For the duration: large allocations come from the heap (no mmap) and freed memory is not trimmed, so that
-    it is reused without page faults; afterwards glibc's defaults are back and the heap is trimmed.
-    Yields whether the setting took effect."""
+    it is reused without page faults; one heap (arena) for every thread, so that what one chunk's forward thread
+    frees serves the next (`pipeline.blockrun` runs each chunk in a thread of its own; with an arena per thread,
+    10 chunks of SmolLM2 peaked at 5.7 GB against 3.3 GB in one forward); afterwards glibc's defaults are back and
+    the heap is trimmed. Yields whether the setting took effect."""
     libc = _libc() if enabled else None
     if libc is None:
         yield False
         return
     ok = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))  # -1: never trim
+    libc.mallopt(M_ARENA_MAX, 1)
     try:
         yield ok
     finally:
+        libc.mallopt(M_ARENA_MAX, 0)  # 0: glibc's default (by the number of cores)
         libc.mallopt(M_MMAP_MAX, _GLIBC_MMAP_MAX_DEFAULT)
         libc.mallopt(M_TRIM_THRESHOLD, _GLIBC_TRIM_DEFAULT)
         libc.malloc_trim(0)

@@ -36,6 +36,30 @@ def test_nan_inputs_name_the_layer():
     x[1, 2] = float("nan")
     with pytest.raises(SolverError, match="model.layers.3.mlp.up_proj"):
         acc.add(x)
+        acc.H
+
+
+@pytest.mark.parametrize("cols", [64, 600])  # 600: the CPU's block-triangle product
+def test_hessian_is_the_same_however_the_windows_are_split(cols):
+    """Issue #28: one process, chunks of any size and ranks must form the same Hessian, to the last bit (the running
+    float32 mean this replaced rounded differently for every split, and the sweep amplified that into other masks).
+    12 windows of 40 tokens in groups of 3; ranks start their shares at a group and add their float64 sums."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(12, 40, cols, generator=g) * torch.exp(torch.randn(cols, generator=g))
+    one = HessianAccumulator(cols, group=3)
+    one.add(X, 12)
+    for splits in ([5, 2, 5], [1] * 12, [7, 5]):
+        acc = HessianAccumulator(cols, group=3)
+        for part in X.split(splits):
+            acc.add(part, part.shape[0])
+        assert torch.equal(acc.H, one.H), splits
+    ranks = [HessianAccumulator(cols, group=3) for _ in range(2)]
+    ranks[0].add(X[:6], 6)
+    ranks[1].add(X[6:], 6)
+    total = ranks[0].total()[0] + ranks[1].total()[0]
+    assert torch.equal(ranks[0].normalized(total, 480), one.H)
+    torch.testing.assert_close(one.H.double(), 2 * X.reshape(-1, cols).double().t() @ X.reshape(-1, cols).double() / 480,
+                               rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4), (2, 8)])

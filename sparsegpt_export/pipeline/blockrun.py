@@ -170,27 +170,27 @@ class BlockRun:
             elif lname != self.round_layer:
                 raise SolverError(f"layer {lname}: a chunk of calibration windows reached it where the others reached "
                                   f"{self.round_layer}; the block's forward must call its layers in the same order")
-            self._accumulate(lname, x)
+            self._accumulate(lname, x, run.hs.shape[0])
             if not self.keep_paused:
                 run.abandon()
             return
 
-    def _accumulate(self, lname: str, x: torch.Tensor) -> None:
+    def _accumulate(self, lname: str, x: torch.Tensor, windows: int) -> None:
         t = time.perf_counter()
         if self.acc is None:
-            self.acc = HessianAccumulator(x.shape[-1], device=x.device, dtype=self.state.hdtype, name=lname)
-        self.acc.add(x)
+            self.acc = HessianAccumulator(x.shape[-1], device=x.device, dtype=self.state.hdtype, name=lname,
+                                          group=self.state.hessian_group)
+        self.acc.add(x, windows)
         dt = time.perf_counter() - t
         self.state.time("hessian_s", dt)
         self.busy_s += dt
 
     def _complete(self) -> torch.Tensor:
         """The round's Hessian over every chunk (and every rank)."""
-        H = self.acc.H
-        if self.state.dist is not None:
-            H, _ = distmod.all_reduce_hessian(self.state.dist, H, self.acc.nsamples)
-        self.H = H
-        return H
+        t = time.perf_counter()
+        self.H = complete_hessian(self.state, self.acc)
+        self.busy_s += time.perf_counter() - t
+        return self.H
 
     def _solve(self, lname: str, H: torch.Tensor) -> None:
         t = time.perf_counter()
@@ -199,6 +199,18 @@ class BlockRun:
         solve_group(self.state, [(n, self.todo[n]) for n in members], H)
         self.solved.update(members)
         self.busy_s += time.perf_counter() - t
+
+
+def complete_hessian(state: RunState, acc: HessianAccumulator) -> torch.Tensor:
+    """The Hessian of ``acc``, its float64 sum added over the ranks first under torchrun."""
+    t = time.perf_counter()
+    if state.dist is None:
+        H = acc.H
+    else:
+        total, n = distmod.all_reduce_hessian(state.dist, *acc.total())
+        H = acc.normalized(total, n)
+    state.time("hessian_s", time.perf_counter() - t)
+    return H
 
 
 def run_block(state: RunState, block: nn.Module, todo: dict[str, nn.Module], groups: list[list[str]], chunks,

@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .. import distributed as distmod
 from .. import smoothing
 from ..anatomy import UnsupportedModelError, final_norm, untie_lm_head
 from ..solver import HessianAccumulator
+from .blockrun import complete_hessian
 from .layers import solve_group
 from .state import RunState
 
@@ -33,13 +33,14 @@ def quantize_lm_head(state: RunState, model: nn.Module, chunks) -> Optional[floa
     try:
         if alpha and len(tail) == 1:
             factor = smoothing.smooth_head(norm, lm, (hs for hs, _ in chunks), alpha, d=state.dist)
-        acc = HessianAccumulator(lm.in_features, device=state.device, dtype=state.hdtype, name="lm_head")
+        acc = HessianAccumulator(lm.in_features, device=state.device, dtype=state.hdtype, name="lm_head",
+                                 group=state.hessian_group)
         for hs, _ in chunks:
             x = hs.to(state.device)
             for mod in tail:
                 x = mod(x)
-            acc.add(x)
-        H = acc.H if state.dist is None else distmod.all_reduce_hessian(state.dist, acc.H, acc.nsamples)[0]
+            acc.add(x, hs.shape[0])
+        H = complete_hessian(state, acc)
         name = next(n for n, mod in model.named_modules() if mod is lm)
         solve_group(state, [(name, lm)], H, prune=False)
     finally:

@@ -26,6 +26,7 @@ from .. import hostmem, smoothing
 from ..anatomy import block_linears, find_blocks, is_selected
 from ..config import ConfigError, SparseGPTConfig
 from ..records import CompressionResult
+from ..solver import group_windows
 from . import checkpoint
 from .blockrun import run_block
 from .capture import capture_block_inputs, shared_input_groups
@@ -73,6 +74,8 @@ def compress_model(
             smoothed = compress_blocks(state, model, chunks, spill, first, progress)
     report = build_report(state, nsamples=calib.shape[0], seqlen=calib.shape[1], batch=batch, spill=spill,
                           smoothed=smoothed, t_start=t_start)
+    if state.dist is not None:  # where each rank's time went
+        report["profile_by_rank"] = distmod.all_gather_json(state.dist, report["profile"])
     return CompressionResult(records=state.records, report=report, config=config)
 
 
@@ -92,13 +95,15 @@ def start(model: nn.Module, calib: torch.Tensor, config: SparseGPTConfig, device
         distmod.check_same(d, arguments=json.dumps(config.to_dict(), sort_keys=True),
                            **{"calibration data": hash_tensor(calib)}, model=f"{model_name}|{type(model).__name__}|{len(blocks)}")
         progress = progress and d.is_main
-    local = distmod.shard(calib, d)
+    group = group_windows(calib.shape[1], calib.shape[0])
+    local = distmod.shard(calib, d, group)
     batch = _batch_size(model, blocks, local, config, device, store)
     scale_dtype = resolve_scale_dtype(config, next(model.parameters()).dtype)
     state = RunState(config=config, device=device, path=path, blocks=blocks, opts=solve_options(config, scale_dtype),
                      scale_dtype=scale_dtype, hdtype=torch.float64 if config.hessian_dtype == "float64" else torch.float32,
                      plan={}, dist=d, store=store, ckpt=Path(checkpoint_dir) if checkpoint_dir else None,
-                     run_key=run_key(config, calib, model_name, len(blocks), d.world if d else 1), model_name=model_name)
+                     run_key=run_key(config, calib, model_name, len(blocks), d.world if d else 1), model_name=model_name,
+                     hessian_group=group)
     t = time.perf_counter()
     if d is None or d.is_main:  # the scores need the whole calibration set: rank 0 plans, the others receive it
         state.plan = plan_layers(model, path, blocks, calib, config, progress=progress, model_name=model_name,

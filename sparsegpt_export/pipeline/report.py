@@ -19,7 +19,7 @@ def build_report(state: RunState, *, nsamples: int, seqlen: int, batch: int, spi
     report = {
         "model": state.model_name, "config": config.to_dict(), "blocks_path": state.path,
         "num_blocks": len(state.blocks), "nsamples": int(nsamples), "world_size": state.dist.world if state.dist else 1,
-        "seqlen": int(seqlen), "calib_batch_size": int(batch), "activations": "host" if spill else "device",
+        "seqlen": int(seqlen), "calib_batch_size": int(batch), "hessian_group_windows": state.hessian_group, "activations": "host" if spill else "device",
         "offload": "disk" if state.store is not None else None, "device": str(state.device),
         "scale_dtype": str(state.scale_dtype).replace("torch.", ""), "layers": rows,
         "summary": {

@@ -111,6 +111,7 @@ class RunState:
     store: Any = None  # offload.DiskStore with --offload disk
     ckpt: Optional[Path] = None
     run_key: str = ""
+    hessian_group: Optional[int] = None  # windows per Hessian group (solver.hessian.group_windows)
     model_name: str = ""
     bar: Any = None
     records: dict[str, LayerRecord] = field(default_factory=dict)
