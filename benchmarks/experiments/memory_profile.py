@@ -1,13 +1,13 @@
 """Where the resident memory of a compression goes, phase by phase (issue #8).
 
-Runs ``sparsegpt-export compress ARGS...`` in this process with the driver's functions wrapped (the solve, its
+Runs ``sparsegpt-export compress ARGS...`` in this process with the pipeline's functions wrapped (the solve, its
 inverse Cholesky and scale refit, the Hessian accumulation, the block fetch/release of ``--offload disk``, the
 capture of the first block's inputs, the checkpoint write) and a thread sampling the RSS every 5 ms; prints the
 peak RSS seen in each phase, ``ru_maxrss``, and RSS (anonymous / file-backed) after each fetch, checkpoint and
 release. Used for the scale benchmark's profile on a 3-block model of the same shapes:
 
-    python benchmarks/scale.py --_make /tmp/prof/llama3 /tmp/prof/calib.safetensors 3 1536 4096 64000 12 16 256
-    python benchmarks/memory_profile.py compress /tmp/prof/llama3 --dataset /tmp/prof/calib.safetensors \\
+    python -m benchmarks.studies.scale --_make /tmp/prof/llama3 /tmp/prof/calib.safetensors 3 1536 4096 64000 12 16 256
+    python -m benchmarks.experiments.memory_profile compress /tmp/prof/llama3 --dataset /tmp/prof/calib.safetensors \\
         --nsamples 16 --seqlen 256 --pattern 2:4 --bits 4 --group-size 128 --device cpu --no-progress \\
         --overwrite --offload disk --offload-dir /tmp/prof/stage --out /tmp/prof/out
 """
@@ -26,7 +26,10 @@ def sampler():
         if r > peak[lab]: peak[lab] = r
         time.sleep(0.005)
 threading.Thread(target=sampler, daemon=True).start()
-import sparsegpt_export.driver as drv, sparsegpt_export.offload as off, sparsegpt_export.solver as sol
+import sparsegpt_export.offload as off
+import sparsegpt_export.pipeline.checkpoint as ckpt, sparsegpt_export.pipeline.loop as loop
+import sparsegpt_export.solver.obs as sol, sparsegpt_export.solver.update as upd
+from sparsegpt_export.solver import HessianAccumulator
 def wrap(obj, name, label):
     f = getattr(obj, name)
     def g(*a, **k):
@@ -40,12 +43,12 @@ def wrap(obj, name, label):
                 st = dict(l.split(":", 1) for l in open("/proc/self/status"))
                 timeline.append((label, round(rss()), st["RssAnon"].strip(), st["RssFile"].strip()))
     setattr(obj, name, g)
-wrap(drv, "sparsegpt_solve", "solve")
-wrap(drv, "capture_block_inputs", "capture")
+wrap(upd, "sparsegpt_solve", "solve")
+wrap(loop, "capture_block_inputs", "capture")
 wrap(off.DiskStore, "fetch", "fetch")
 wrap(off.DiskStore, "release", "release")
-wrap(drv, "_save_checkpoint", "ckpt")
-wrap(drv.HessianAccumulator, "add", "hess")
+wrap(ckpt, "save", "ckpt")
+wrap(HessianAccumulator, "add", "hess")
 wrap(sol, "_inverse_cholesky", "invchol")
 wrap(sol, "_refit_scales", "refit")
 try:  # the block's own parts, for Llama-architecture models

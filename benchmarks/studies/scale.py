@@ -18,7 +18,7 @@ later layers. One process with two calibration chunks instead of one differs fro
 check the exact match on a tiny model; use ``--hessian-dtype float64`` where bit-equality matters.) On a 2-core machine the single process uses both cores for its BLAS and the two ranks one
 each, so the speedup measures the split of the work, not more hardware.
 
-    python benchmarks/scale.py [--work DIR] [--out benchmarks/results] [--layers 20 --hidden 1536 --ffn 4096 --vocab 64000]
+    python -m benchmarks.studies.scale [--work DIR] [--out benchmarks/results] [--layers 20 --hidden 1536 --ffn 4096 --vocab 64000]
 
 Writes ``<out>/scale.json``, ``<out>/scale.md`` and appends the raw output to ``<out>/scale.log``.
 """
@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.protocol import RESULTS
 
 
 def _make(argv: list[str]) -> None:
@@ -99,7 +99,7 @@ def weights(folder: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "sparsegpt-export" / "scale"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--ffn", type=int, default=4096)
@@ -126,9 +126,9 @@ def main() -> int:
     calib = work / f"calib-{args.nsamples}x{args.seqlen}.safetensors"
     # the model and the tokens are made by a child process: a child's ru_maxrss starts at the RSS of the process it
     # was forked from, so this one stays small (no torch) until the runs are done
-    made = subprocess.run([sys.executable, __file__, "--_make", str(model_dir), str(calib), str(args.layers),
+    made = subprocess.run([sys.executable, "-m", "benchmarks.studies.scale", "--_make", str(model_dir), str(calib), str(args.layers),
                            str(args.hidden), str(args.ffn), str(args.vocab), str(args.heads), str(args.nsamples),
-                           str(args.seqlen)], capture_output=True, text=True)
+                           str(args.seqlen)], capture_output=True, text=True, cwd=RESULTS.parents[1])
     if made.returncode != 0:
         raise RuntimeError(f"building the model failed: {made.stderr[-2000:]}")
     if made.stdout.strip():

@@ -7,7 +7,7 @@ joined with a space, 16 windows of 2048 tokens each.
 Each compression runs as its own process (``python -m sparsegpt_export compress ...``), so its wall time
 includes loading and writing, and its peak resident memory is that process's own (``os.wait4`` rusage).
 
-    python benchmarks/compress_smollm2.py [--rows dense,magnitude-2:4,...] [--out benchmarks/results]
+    python -m benchmarks.studies.compress_smollm2 [--rows dense,magnitude-2:4,...] [--out benchmarks/results]
 
 Results go to ``<out>/compress_smollm2.json`` and ``.md`` after every row.
 """
@@ -18,17 +18,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("SPARSEGPT_DATA", ROOT.parent / "shared" / "data"))
-CALIB = DATA / "calib-smollm2-c4-128x512.safetensors"
-WIKI = DATA / "wikitext2-raw-test.txt"
-C4 = DATA / "c4-validation-2k.parquet"
+from benchmarks.protocol import C4, CALIB, RESULTS, WIKI, perplexities, run_process
 
 ROWS = {
     "dense": None,
@@ -58,36 +53,27 @@ def run_compress(extra: list[str], out: Path, log) -> dict:
            "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--device", "cpu", "--out", str(out),
            "--overwrite", "--no-progress", *extra]
     log(f"$ {' '.join(cmd[1:])}")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, rusage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    log(output.rstrip())
-    if os.waitstatus_to_exitcode(status) != 0:
+    r = run_process(cmd)
+    log(r["output"].rstrip())
+    if r["rc"] != 0:
         raise RuntimeError(f"compress failed: {' '.join(cmd)}")
     report = json.loads((out / "sparsegpt_report.json").read_text())
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1),
+    return {"wall_s": round(r["wall_s"], 1), "peak_rss_mb": r["peak_rss_mb"],
             "compress_s": report["summary"]["wall_s"], "profile": report["profile"],
             "mean_rel_error": report["summary"]["mean_rel_error"], "sparsity": report["summary"]["weighted_sparsity"],
             "command": " ".join(cmd[1:])}
 
 
 def evaluate(model_dir: str, windows: int, seqlen: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return _eval_model(model, tok, windows, seqlen)
+    return perplexities(model_dir, windows, seqlen)
 
 
 def _eval_model(model, tok, windows, seqlen) -> dict:
     from sparsegpt_export.calibration import load_eval_text
     from sparsegpt_export.evaluation import perplexity
 
-    wiki = perplexity(model, tok, load_eval_text(WIKI), seqlen=seqlen, windows=windows)
-    c4 = perplexity(model, tok, load_eval_text(C4, (1000, 2000)), seqlen=seqlen, windows=windows)
+    wiki = perplexity(model, tok, load_eval_text(str(WIKI)), seqlen=seqlen, windows=windows)
+    c4 = perplexity(model, tok, load_eval_text(str(C4), (1000, 2000)), seqlen=seqlen, windows=windows)
     return {"wikitext2_ppl": round(wiki["ppl"], 4), "c4_ppl": round(c4["ppl"], 4), "windows": wiki["windows"],
             "seqlen": seqlen}
 
@@ -130,7 +116,7 @@ def write_tables(results: dict, out: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=2048)
     args = ap.parse_args()

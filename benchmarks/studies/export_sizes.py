@@ -5,7 +5,7 @@ dense) and generates the same greedy tokens.
 Sizes depend only on shapes, so the compressions here use a small calibration (16 x 512 of the fixed C4
 tokens); accuracy is `compress_smollm2.py`'s job.
 
-    python benchmarks/export_sizes.py [--out benchmarks/results]
+    python -m benchmarks.studies.export_sizes [--out benchmarks/results]
 
 Writes ``<out>/export_sizes.json`` and ``.md``; the raw log goes to stdout.
 """
@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("SPARSEGPT_DATA", ROOT.parent / "shared" / "data"))
-CALIB = DATA / "calib-smollm2-c4-128x512.safetensors"
+from benchmarks.protocol import CALIB, RESULTS
 PROMPT = "The capital of France is"
 
 
@@ -70,7 +68,7 @@ def greedy(folder: Path, tok_dir: Path) -> tuple[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--nsamples", type=int, default=16)
     args = ap.parse_args()
     from sparsegpt_export.io import load_records
@@ -126,7 +124,7 @@ def main() -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "export_sizes.json").write_text(json.dumps(result, indent=1) + "\n")
     md = [f"SmolLM2-135M-Instruct: {len(layers)} compressed linears, {numel / 1e6:.1f} M weights; "
-          f"bytes on disk per export format (`python benchmarks/export_sizes.py`)", "",
+          f"bytes on disk per export format (`python -m benchmarks.studies.export_sizes`)", "",
           "| format | compressed layers, bytes | theoretical | ratio | other tensors, bytes | total on disk | vs dense fp16 |",
           "|---|---|---|---|---|---|---|"]
     for r in rows:

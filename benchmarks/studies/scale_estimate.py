@@ -16,7 +16,7 @@ the layers of a group are solved on different ranks, or each layer's rows split 
 layers do not share out evenly (the critical path is the busiest rank of each group, as the driver schedules it), and each
 group's Hessian is all-reduced in float64 (ring, at an assumed 150 GB/s per GPU).
 
-    python benchmarks/scale_estimate.py [--scale benchmarks/results/scale.json] [--out benchmarks/results]
+    python -m benchmarks.studies.scale_estimate [--scale benchmarks/results/scale.json] [--out benchmarks/results]
 
 Writes ``<out>/scale_estimate.md`` and ``.json``.
 """
@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.protocol import RESULTS
 
 MODELS = {  # hidden, ffn, kv dim (heads x head_dim), blocks, vocab
     "Llama-3-8B": (4096, 14336, 1024, 32, 128256),
@@ -64,7 +64,6 @@ def group_critical_path(shapes: list[tuple[int, int]], world: int) -> float:
     """FLOPs on the busiest rank for one group of layers sharing an input, as the driver schedules it: whole layers
     on owners (largest first), or, when that leaves a rank with over 1.2x the mean load, every layer's rows split
     across the ranks (2:4 with the OBS sweep is row by row; the factorisation is then done on every rank)."""
-    sys.path.insert(0, str(ROOT))
     from sparsegpt_export.distributed import owners
 
     sizes = [r * c * c for r, c in shapes]
@@ -77,8 +76,8 @@ def group_critical_path(shapes: list[tuple[int, int]], world: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scale", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--scale", default=str(RESULTS / "scale.json"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
     args = ap.parse_args()
@@ -97,7 +96,7 @@ def main() -> int:
             "hessian": meas["hessian"] * sm["layers"] / max(m["disk_profile"]["hessian_s"], 1e-9),
             "forward": meas["forward"] * sm["layers"] / max(m["disk_profile"]["block_forward_s"], 1e-9)}
     lines = ["# Compression time and memory for Llama-3-8B / 70B: an ESTIMATE", "",
-             f"From `python benchmarks/scale_estimate.py` on `{Path(args.scale).name}` (measured: random Llama "
+             f"From `python -m benchmarks.studies.scale_estimate` on `{Path(args.scale).name}` (measured: random Llama "
              f"{sm['layers']} x {sm['hidden']} x {sm['ffn']}, {cal['nsamples']} x {cal['seqlen']} tokens, "
              f"{m['machine']}). Calibration assumed here: {args.nsamples} x {args.seqlen} tokens; 2:4 + 4-bit.", "",
              "Rates measured on this machine (effective FLOP/s of the work model in the script's docstring):", "",

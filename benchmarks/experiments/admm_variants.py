@@ -1,7 +1,7 @@
 """Layer-level comparison of weight updates for strict 2:4 on real SmolLM2-135M layers (how the ADMM defaults
 were chosen).
 
-    python benchmarks/admm_variants.py [--windows 16] [--threads 2]
+    python -m benchmarks.experiments.admm_variants [--windows 16] [--threads 2]
 
 Captures the Hessians ``2 X^T X / n`` of five linear layers (blocks 2 and 15) from the first ``--windows`` fixed
 C4 calibration windows on the dense model, then prunes each layer to 2:4 with SparseGPT's OBS sweep and with
@@ -31,7 +31,7 @@ VARIANTS = {  # name: admm_prune keyword arguments
 def main() -> int:
     from safetensors.torch import load_file
 
-    from benchmarks.compress_smollm2 import CALIB
+    from benchmarks.protocol import CALIB
     from sparsegpt_export.models import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

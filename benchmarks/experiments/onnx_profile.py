@@ -1,6 +1,6 @@
 """Where a decode step of an ONNX export spends its time: ONNX Runtime's profiler, kernel time per op type.
 
-    python benchmarks/onnx_profile.py GRAPH_DIR [GRAPH_DIR ...] [--past 16 512] [--threads 2] [--steps 30]
+    python -m benchmarks.experiments.onnx_profile GRAPH_DIR [GRAPH_DIR ...] [--past 16 512] [--threads 2] [--steps 30]
 
 For each graph and past length: one decode step (one new token after ``past`` cached ones, random cache) run
 ``--steps`` times after a warm-up, with profiling on; prints the wall time per step, the kernel time per step

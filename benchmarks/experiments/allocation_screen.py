@@ -7,7 +7,7 @@ calibration on the first ``--nsamples`` (default 32) windows of the fixed tokens
 figures are for ranking the methods against each other on the same reduced data, not for comparison with the
 full-protocol tables.
 
-    python benchmarks/allocation_screen.py [--sparsity 0.7] [--methods uniform,owl,obd,fisher,proxy,hutchinson]
+    python -m benchmarks.experiments.allocation_screen [--sparsity 0.7] [--methods uniform,owl,obd,fisher,proxy,hutchinson]
         [--nsamples 32] [--windows 4] [--extra "--saliency isc"]
 
 Methods: ``uniform``, ``owl`` (``--allocation owl``) or a ``--sensitivity`` score name (``--allocation
@@ -23,8 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.compress_smollm2 import CALIB, ROOT, WIKI  # noqa: E402
+from benchmarks.protocol import CALIB, RESULTS, WIKI
 
 
 def evaluate_wikitext(model_dir: str, windows: int, seqlen: int) -> float:
@@ -36,7 +35,7 @@ def evaluate_wikitext(model_dir: str, windows: int, seqlen: int) -> float:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    return round(perplexity(model, tok, load_eval_text(WIKI), seqlen=seqlen, windows=windows)["ppl"], 4)
+    return round(perplexity(model, tok, load_eval_text(str(WIKI)), seqlen=seqlen, windows=windows)["ppl"], 4)
 
 
 def _args(method: str) -> list[str]:
@@ -60,7 +59,7 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--extra", default="", help="more compress arguments for every run, e.g. '--alpha 0.05'")
     ap.add_argument("--tag", default="", help="suffix of the JSON keys (to tell --extra variants apart)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "sparsegpt-export" / "screen"))
     args = ap.parse_args()
     if not CALIB.exists():

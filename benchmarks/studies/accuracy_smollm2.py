@@ -12,7 +12,7 @@ sensitive layers kept dense, and 2:4 + 4-bit g128 symmetric with ADMM. The sensi
 (``sparsegpt-sensitivity.json`` beside their outputs), so the first of them pays for the Hutchinson probes and
 the others reuse them: the ``sensitivity_s`` column says which.
 
-    python benchmarks/accuracy_smollm2.py [--rows NAME,...] [--work DIR] [--out benchmarks/results] [--fresh]
+    python -m benchmarks.studies.accuracy_smollm2 [--rows NAME,...] [--work DIR] [--out benchmarks/results] [--fresh]
 
 Rows already in ``<out>/accuracy_smollm2.json`` are kept unless ``--fresh`` (which recomputes the rows named in
 ``--rows``, keeping the others); the JSON and the Markdown table are rewritten after every row, and the raw output
@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.compress_smollm2 import CALIB, ROOT, evaluate, run_compress  # noqa: E402
+from benchmarks.protocol import CALIB, RESULTS
+from benchmarks.studies.compress_smollm2 import evaluate, run_compress
 
 NONE = ["--bits", "none"]
 
@@ -91,7 +90,7 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all, in order)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "sparsegpt-export" / "accuracy"))
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=2048)

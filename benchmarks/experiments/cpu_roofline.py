@@ -4,7 +4,7 @@ Measures float32 GEMM throughput at SmolLM2-135M's shapes for 128 x 512 calibrat
 forward and a Hessian X^T X), then prints the minimum time of one compression pass's linear forwards and
 Hessians at that throughput (30 blocks; attention, norms and the solver not counted).
 
-    python benchmarks/cpu_roofline.py   ->  benchmarks/results/cpu_roofline.json
+    python -m benchmarks.experiments.cpu_roofline   ->  benchmarks/results/cpu_roofline.json
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def main() -> None:
         "pass_linear_forward_floor_s": round(BLOCKS * lin_flops / (gf_lin * 1e9), 1),
         "pass_hessian_full_gemm_floor_s": round(BLOCKS * hes_flops / (gf_xtx * 1e9), 1),
     }
-    out = Path(__file__).resolve().parent / "results" / "cpu_roofline.json"
+    out = Path(__file__).resolve().parents[1] / "results" / "cpu_roofline.json"
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
 

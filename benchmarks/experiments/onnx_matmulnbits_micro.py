@@ -2,7 +2,7 @@
 block 64 vs 128, accuracy_level 1 vs 4. Each graph repeats one weight 10 times (1 for lm_head), so the weights stay
 in the CPU caches: this measures the kernels' compute, not the DRAM reads of a real decode step.
 
-    python benchmarks/onnx_matmulnbits_micro.py   (raw output: benchmarks/results/onnx_matmulnbits_micro.log)
+    python -m benchmarks.experiments.onnx_matmulnbits_micro   (raw output: benchmarks/results/onnx_matmulnbits_micro.log)
 """
 import sys, time, numpy as np, onnx
 from onnx import helper, TensorProto, numpy_helper
