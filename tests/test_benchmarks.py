@@ -2,17 +2,11 @@
 import json
 import math
 import sys
-
 import pytest
 
-from conftest import ROOT
-
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))  # for the `benchmarks` folder; appended, so the installed sparsegpt_export wins
-
-from benchmarks.__main__ import main  # noqa: E402
-from benchmarks.harness import check_measured, device_name  # noqa: E402
-from benchmarks.suites import ceilings  # noqa: E402
+from benchmarks.__main__ import main
+from benchmarks.harness import check_measured, device_name
+from benchmarks.suites import ceilings
 
 
 def _positive(x):

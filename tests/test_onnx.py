@@ -273,12 +273,6 @@ def test_quantized_lm_head_in_the_other_exports(compressed, tmp_path):
 
 def test_benchmark_helpers_measure_the_real_graph(compressed, exported):
     """benchmarks/onnx_cpu.py's byte count and decode loop, on the tiny export."""
-    import sys
-
-    from conftest import ROOT
-
-    if str(ROOT) not in sys.path:
-        sys.path.append(str(ROOT))
     from benchmarks.onnx_cpu import Loop, compressed_bytes, ort_model
 
     side = json.loads((exported / "sparsegpt_onnx.json").read_text())
