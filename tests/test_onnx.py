@@ -433,6 +433,30 @@ def test_shared_kv_buffer_writes_in_place(compressed, tmp_path):
     assert torch.equal(more.logits, ref_more.logits)
 
 
+def test_default_accuracy_level_follows_smoothing(compressed, tmp_path, capsys):
+    """``--accuracy-level auto`` (the default): level 1 (float compute) for an unsmoothed compress output, level 4
+    (int8 activations) for one compressed with --smooth-alpha; the choice and its reason in the sidecar."""
+    from sparsegpt_export.cli import main
+
+    tmp, saved, _ = compressed
+    assert compress_tiny(saved, tmp_path / "cs", "--smooth-alpha", "0.5") == 0
+    for src, level in ((tmp / "c", 1), (tmp_path / "cs", 4)):
+        out = tmp_path / f"o-{src.name}"
+        assert main(["export", str(src), "--format", "onnx", "--out", str(out)]) == 0
+        side = json.loads((out / "sparsegpt_onnx.json").read_text())
+        assert side["accuracy_level"] == level and ("not smoothed" in side["accuracy_level_choice"]) == (level == 1)
+        nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+        assert len(nodes) == 8 and all(
+            next(a.i for a in n.attribute if a.name == "accuracy_level") == level for n in nodes)
+    out = tmp_path / "o-given"
+    assert main(["export", str(tmp / "c"), "--format", "onnx", "--accuracy-level", "4", "--out", str(out)]) == 0
+    assert json.loads((out / "sparsegpt_onnx.json").read_text())["accuracy_level_choice"] == "given"
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp / "c"), "--format", "onnx", "--accuracy-level", "5", "--out", str(tmp_path / "x")])
+    assert "--accuracy-level: '5': choose auto, 0, 1, 2, 3 or 4" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_onnx_graph_option(compressed, tmp_path, capsys):
     from sparsegpt_export.cli import main
     from sparsegpt_export.converters import onnx as onnx_export
