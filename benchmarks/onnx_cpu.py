@@ -457,6 +457,9 @@ def main() -> int:
 
     prompts = {"short": short, "long": ids}
     plan = {name: (ort_model(d, args.threads), prompts) for name, d in work_graph.items()}
+    for name in ("onnx-int4", "onnx-int4-lmhead4"):  # level 4's speed beside a default that is not 4
+        if result["accuracy_levels"][name] != 4:
+            plan[f"{name}@level4"] = (ort_model(work_graph[name], args.threads, 4), {"short": short})
     plan["torch-eager"] = (torch_models["plain"], {"short": short})  # the reference; slow, so the short prompt only
     raw = speed(plan, args.decode, args.repeats, log)
     result["speed_raw"] = raw
