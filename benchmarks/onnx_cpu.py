@@ -16,8 +16,8 @@
    on WikiText-2 (16 windows x 2048) of torch and of the graphs as exported;
 5. speed, ONNX Runtime and torch on ``--threads`` threads: ``--decode`` greedy new tokens after a short prompt and
    after the 512-token window, each through ``model.generate`` (what users run) and through the bare loop (prefill,
-   then one forward per token with the KV cache, as many forwards as generate makes), for every graph (torch eager:
-   the short prompt only); all runs interleaved round-robin per repeat so that other load on the machine hits every
+   then one forward per token with the KV cache, as many forwards as generate makes), for every graph (with
+   ``--torch-speed`` the torch model too, short prompt only); all runs interleaved round-robin per repeat so that other load on the machine hits every
    variant alike (``uptime`` logged before and after), median and spread (min, max) over ``--repeats`` after one
    warm-up round. tok/s include the prefill; generate()'s overhead per token = (its wall time - the loop's) / tokens.
 
@@ -258,6 +258,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--onnx-graph", choices=["gqa", "traced"], default="gqa",
                     help="which graph to export (default gqa; traced: into <work>/<graph>-traced, results onnx_cpu_traced.*)")
     ap.add_argument("--skip-ppl", action="store_true", help="leave out the perplexity section")
+    ap.add_argument("--torch-speed", action="store_true", help="time the torch model (eager) too, short prompt only")
     ap.add_argument("--reuse-exports", action="store_true",
                     help="keep the graphs already in --work (made by this script's export commands) instead of re-exporting")
     return ap.parse_args()
@@ -460,7 +461,8 @@ def main() -> int:
     for name in ("onnx-int4", "onnx-int4-lmhead4"):  # level 4's speed beside a default that is not 4
         if result["accuracy_levels"][name] != 4:
             plan[f"{name}@level4"] = (ort_model(work_graph[name], args.threads, 4), {"short": short})
-    plan["torch-eager"] = (torch_models["plain"], {"short": short})  # the reference; slow, so the short prompt only
+    if args.torch_speed:  # the torch model itself, short prompt only (slow)
+        plan["torch-eager"] = (torch_models["plain"], {"short": short})
     raw = speed(plan, args.decode, args.repeats, log)
     result["speed_raw"] = raw
     result["speed"] = summarize(raw, args.decode)
