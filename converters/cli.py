@@ -33,9 +33,10 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-quant", choices=["matmulnbits", "qdq", "none"], default="matmulnbits",
                    help="onnx: 4-bit layers as com.microsoft.MatMulNBits (default), as opset-21 INT4 "
                         "DequantizeLinear + MatMul (qdq), or a float32 graph (none)")
-    p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
-                   help="onnx: MatMulNBits accuracy_level (default 4: int8 activations on CPU, closest to the "
-                        "torch model when compressed with --smooth-alpha; 0/1: float)")
+    p.add_argument("--accuracy-level", type=_accuracy_level, default="auto", metavar="{auto,0,1,2,3,4}",
+                   help="onnx: MatMulNBits accuracy_level. auto (default): 4 (int8 activations on CPU, the fastest) "
+                        "when the model was compressed with --smooth-alpha, which keeps level 4 close to torch; "
+                        "otherwise 1 (float compute, as accurate as the float graph); 0-4: that level")
     p.add_argument("--ort-fusions", choices=["cpu", "cuda"], default=None,
                    help="onnx: fuse norms, rotary embeddings (and attention where matched) into ONNX Runtime's own "
                         "ops for that provider; the graph then runs on ONNX Runtime only (traced graph)")
@@ -46,6 +47,15 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "--onnx-quant qdq or --ort-fusions")
 
 
+def _accuracy_level(text: str):
+    """``--accuracy-level``: 'auto' or an integer 0-4."""
+    if text == "auto":
+        return text
+    if text not in {"0", "1", "2", "3", "4"}:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose auto, 0, 1, 2, 3 or 4")
+    return int(text)
+
+
 def run_export(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ValueError(f"--format {args.format!r}: unknown; choose one of {', '.join(FORMATS)}")
@@ -54,7 +64,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         extra = {"onnx_quant": args.onnx_quant, "accuracy_level": args.accuracy_level, "ort_fusions": args.ort_fusions,
                  "onnx_graph": args.onnx_graph}
-    elif (args.onnx_quant != "matmulnbits" or args.accuracy_level != 4 or args.ort_fusions
+    elif (args.onnx_quant != "matmulnbits" or args.accuracy_level != "auto" or args.ort_fusions
           or args.onnx_graph != "auto"):
         raise ValueError("--onnx-quant/--accuracy-level/--ort-fusions/--onnx-graph: apply to --format onnx only, "
                          f"not {args.format}")

@@ -17,7 +17,11 @@ graph is made:
    - ``matmulnbits``: ``com.microsoft.MatMulNBits`` (bits 4, ``block_size`` = the group size, or the largest power
      of two that divides it and the columns, with the scales repeated; per-channel grids as groups of 128);
      symmetric grids leave out the zero points (MatMulNBits' default is 8, ours too), asymmetric ones store
-     them packed. ``accuracy_level`` (default 4: int8 activations on CPU) is written on every node;
+     them packed. ``accuracy_level`` is written on every node: by default (``auto``) 4, int8 activations on CPU
+     (the fastest), when the compress output was smoothed (``--smooth-alpha``: ``smoothing`` in its
+     ``sparsegpt_report.json``), which keeps level 4 within 2e-2 of torch on SmolLM2, and 1 (float compute, as
+     accurate as the float graph) when it was not, since int8 activations with outlier channels cost 3.8e-2 there
+     (`default_accuracy_level`);
    - ``qdq``: the portable opset-21 ``DequantizeLinear`` (INT4 weights [in, out], ``block_size`` = the group
      size along axis 0; UINT4 with zero points when asymmetric) followed by ``MatMul``;
    - ``none``: no markers at all, the float32 graph (the benchmark's baseline).
@@ -44,11 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsegpt_export.io import atomic_dir
-from sparsegpt_export.records import load_config, load_records
+from sparsegpt_export.records import REPORT_FILE, load_config, load_records
 
 from . import onnx_gqa
-from .dense import copy_side_files, read_checkpoint, read_config
 from .common import conv1d_modules, weight_codes
+from .dense import copy_side_files, read_checkpoint, read_config
 
 FORMAT = "onnx"
 MODEL_FILE = "model.onnx"
@@ -275,6 +279,25 @@ def _lower_markers(model, layers: dict[str, dict], onnx_quant: str, accuracy_lev
     return nbytes
 
 
+def default_accuracy_level(src: str | os.PathLike) -> tuple[int, str]:
+    """The MatMulNBits accuracy_level of ``--accuracy-level auto`` for the compress output ``src``, and why.
+
+    Level 4 quantizes the activations to int8 per block of the weight; SmolLM2's norm outputs have outlier channels
+    that coarsen their whole block, so its unsmoothed 2:4 + int4 model lands 3.8e-2 (relative norm of the logits)
+    from torch at level 4, 1.8e-6 at level 1; smoothed with ``--smooth-alpha 0.6`` it stays at 1.75e-2 at level 4
+    (``benchmarks/results/onnx_default_level.log``, ``onnx_smoothing.md``). So: 4 when the model was smoothed, else 1.
+    """
+    report = Path(src) / REPORT_FILE
+    try:
+        smoothing = json.loads(report.read_text()).get("smoothing") if report.is_file() else None
+    except (OSError, ValueError):
+        smoothing = None
+    alpha = (smoothing or {}).get("alpha") or 0
+    if alpha:
+        return 4, f"smoothed (smooth_alpha {alpha:g} in {REPORT_FILE}): int8 activations"
+    return 1, f"not smoothed ({REPORT_FILE} has no smoothing): float compute, int8 activations would cost accuracy"
+
+
 def set_accuracy_level(proto, level: int) -> int:
     """Set ``accuracy_level`` on every MatMulNBits node of an ``onnx.ModelProto`` in place (e.g. to compare levels
     without exporting again); returns how many nodes were changed."""
@@ -430,7 +453,7 @@ def _trace(model, layers: dict[str, dict], hf_config: dict, conv1d, onnx_quant: 
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, overwrite: bool = False,
-           onnx_quant: str = "matmulnbits", accuracy_level: int = 4, opset: Optional[int] = None,
+           onnx_quant: str = "matmulnbits", accuracy_level: int | str = "auto", opset: Optional[int] = None,
            ort_fusions: Optional[str] = None, onnx_graph: str = "auto") -> Path:
     """Write the compress output ``src`` to ``out`` as an ONNX generation graph (see the module docstring).
 
@@ -448,8 +471,11 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
         raise OnnxExportError(f"--onnx-quant {onnx_quant!r}: choose one of {', '.join(ONNX_QUANT)}")
     if dtype not in (None, "float32", torch.float32):
         raise OnnxExportError(f"--dtype {dtype}: the ONNX export writes a float32 graph (its 4-bit layers stay 4-bit)")
-    if not isinstance(accuracy_level, int) or accuracy_level not in (0, 1, 2, 3, 4):
-        raise OnnxExportError(f"--accuracy-level {accuracy_level!r}: MatMulNBits takes 0, 1, 2, 3 or 4")
+    if accuracy_level != "auto" and (not isinstance(accuracy_level, int) or accuracy_level not in (0, 1, 2, 3, 4)):
+        raise OnnxExportError(f"--accuracy-level {accuracy_level!r}: MatMulNBits takes auto, 0, 1, 2, 3 or 4")
+    level_choice = "given"
+    if accuracy_level == "auto":
+        accuracy_level, level_choice = default_accuracy_level(src)
     hf_config = read_config(src)
     records = load_records(src)
     quantized = {k: r for k, r in records.items() if r.bits}
@@ -510,6 +536,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
         "positions": "absolute" if onnx_graph == "gqa" else "position_ids",
         "ort_fusions": ort_fusions,
         "accuracy_level": accuracy_level if onnx_quant == "matmulnbits" else None,
+        "accuracy_level_choice": level_choice if onnx_quant == "matmulnbits" else None,
         "pattern": patterns[0] if len(patterns) == 1 else patterns,
         "sparsity": round(sum(r.sparsity * r.shape[0] * r.shape[1] for r in records.values() if r.pattern != "dense") / numel, 6),
         "bits": sorted({r.bits for r in records.values() if r.bits}) or None,
@@ -529,7 +556,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
         "inputs": [v.name for v in program.graph.inputs], "outputs": [v.name for v in program.graph.outputs],
         "num_layers": sum(1 for v in program.graph.inputs if v.name.endswith(".keys")),
         "initializer_bytes": weights, **nbytes,
-        **{k: meta[k] for k in ("onnx_quant", "onnx_graph", "positions", "ort_fusions", "accuracy_level", "pattern",
+        **{k: meta[k] for k in ("onnx_quant", "onnx_graph", "positions", "ort_fusions", "accuracy_level",
+                                "accuracy_level_choice", "pattern",
                                 "sparsity", "bits")},
     }
     with atomic_dir(out, overwrite) as tmp:

@@ -14,6 +14,7 @@ out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=32, do_
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -68,6 +69,7 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         self.session = session
         self.model_dir = model_dir
         self.share_kv_buffer = False
+        self.torch_threads: Optional[int] = 1  # torch's threads while generate() runs (see `generate`)
         self.export_info: dict = {}
         self._vocab: Any = None  # the logits' last dimension when the graph fixes it
         # no weights: a zero-size buffer gives the model its device and dtype (inputs and outputs live on the CPU)
@@ -89,13 +91,16 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, num_threads: Optional[int] = None,
                         providers: Optional[list] = None, session_options: Any = None,
-                        share_kv_buffer: Optional[bool] = None, **_ignored) -> "OnnxCausalLM":
+                        share_kv_buffer: Optional[bool] = None, torch_threads: Optional[int] = 1,
+                        **_ignored) -> "OnnxCausalLM":
         """Open ``model_dir/model.onnx`` (its external data checked first) in ONNX Runtime on the CPU.
 
         ``num_threads``: intra-op threads (ONNX Runtime's default is every core of the machine);
         ``providers`` / ``session_options``: passed to ``onnxruntime.InferenceSession`` as they are;
         ``share_kv_buffer``: let the graph write the KV cache in place (IO binding) instead of returning a grown
-        copy each step; default: on for the ``gqa`` graph, which supports it, off for the traced one.
+        copy each step; default: on for the ``gqa`` graph, which supports it, off for the traced one;
+        ``torch_threads``: torch's intra-op threads while ``generate`` runs (default 1; None: leave torch's setting),
+        see `generate`.
         """
         import onnxruntime as ort
 
@@ -123,11 +128,26 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
         # the gqa graph's GroupQueryAttention can write the cache in place; the traced graph cannot
         model.share_kv_buffer = (model.export_info.get("onnx_graph") == "gqa" if share_kv_buffer is None
                                  else bool(share_kv_buffer))
+        model.torch_threads = torch_threads
         model.eval()
         return model
 
     def can_generate(self) -> bool:  # noqa: D102
         return True
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate` as it is, with torch on ``torch_threads`` threads (default 1) while it runs.
+
+        Between two forwards, ``generate`` runs torch ops over vectors of the vocabulary's size (the next-token
+        logits' copy, logits processors, stopping criteria, argmax or sampling). On torch's default thread pool each
+        of these wakes threads that then compete with ONNX Runtime's for the same cores; on SmolLM2 with 2 threads
+        that cost more per token than the int4 graph's whole forward (`benchmarks/results/onnx_cpu.md`). On one
+        thread they take microseconds. Left alone when a torch ``assistant_model`` is given (its forwards want the
+        threads) or ``torch_threads`` is None."""
+        assistant = kwargs.get("assistant_model")
+        keep = self.torch_threads is None or (assistant is not None and not isinstance(assistant, OnnxCausalLM))
+        with contextlib.nullcontext() if keep else _torch_threads(self.torch_threads):
+            return super().generate(*args, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -220,6 +240,19 @@ class OnnxCausalLM(PreTrainedModel, GenerationMixin):
                 layer.length = total
             return logits, past
         return logits, _buffer_cache(bufs, total)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` for the block, then set back."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def _cache_of(pairs) -> Any:

@@ -142,6 +142,50 @@ def test_runner_generates_like_torch(compressed, exported):
     assert text.startswith("the quick") and len(text) > len("the quick")
 
 
+def test_generate_modes_and_torch_threads(compressed, exported):
+    """Sampling, beam search and assisted decoding through `OnnxCausalLM.generate` give torch's tokens; while
+    ``generate`` runs torch is on ``torch_threads`` threads (1 by default), and its setting is restored after."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from sparsegpt_export.onnx import OnnxCausalLM
+
+    _, _, ref = compressed
+    model = OnnxCausalLM.from_pretrained(exported, num_threads=1)
+    ids = torch.randint(3, 256, (2, 10), generator=torch.Generator().manual_seed(9))
+
+    class Seen(LogitsProcessor):
+        def __init__(self):
+            self.threads = set()
+
+        def __call__(self, input_ids, scores):
+            self.threads.add(torch.get_num_threads())
+            return scores
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = Seen()
+        model.generate(ids, max_new_tokens=3, do_sample=False, logits_processor=LogitsProcessorList([seen]))
+        assert seen.threads == {1} and torch.get_num_threads() == 2
+        model.torch_threads, seen = None, Seen()
+        model.generate(ids, max_new_tokens=3, do_sample=False, logits_processor=LogitsProcessorList([seen]))
+        assert seen.threads == {2}
+        model.torch_threads = 1
+    finally:
+        torch.set_num_threads(before)
+    for kwargs in ({"do_sample": True, "top_k": 20, "temperature": 0.8},
+                   {"do_sample": True, "top_p": 0.9, "num_return_sequences": 2},
+                   {"num_beams": 4, "num_return_sequences": 2, "do_sample": False},
+                   {"num_beams": 2, "do_sample": True}):
+        torch.manual_seed(3)
+        want = ref.generate(ids, max_new_tokens=12, **kwargs)
+        torch.manual_seed(3)
+        got = model.generate(ids, max_new_tokens=12, **kwargs)
+        assert torch.equal(want, got), kwargs
+    # assisted decoding (the assistant proposes, the ONNX model verifies; the cache is cropped): greedy tokens kept
+    greedy = model.generate(ids[:1], max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=12, do_sample=False, assistant_model=ref), greedy)
+
 def test_run_command(exported, capsys):
     from sparsegpt_export.cli import main
 
@@ -381,6 +425,30 @@ def test_shared_kv_buffer_writes_in_place(compressed, tmp_path):
     assert more.past_key_values.layers[0].keys.data_ptr() != ptr
     ref_more = plain(ids[:, 21:30], past_key_values=ref_step.past_key_values)
     assert torch.equal(more.logits, ref_more.logits)
+
+
+def test_default_accuracy_level_follows_smoothing(compressed, tmp_path, capsys):
+    """``--accuracy-level auto`` (the default): level 1 (float compute) for an unsmoothed compress output, level 4
+    (int8 activations) for one compressed with --smooth-alpha; the choice and its reason in the sidecar."""
+    from sparsegpt_export.cli import main
+
+    tmp, saved, _ = compressed
+    assert compress_tiny(saved, tmp_path / "cs", "--smooth-alpha", "0.5") == 0
+    for src, level in ((tmp / "c", 1), (tmp_path / "cs", 4)):
+        out = tmp_path / f"o-{src.name}"
+        assert main(["export", str(src), "--format", "onnx", "--out", str(out)]) == 0
+        side = json.loads((out / "sparsegpt_onnx.json").read_text())
+        assert side["accuracy_level"] == level and ("not smoothed" in side["accuracy_level_choice"]) == (level == 1)
+        nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+        assert len(nodes) == 8 and all(
+            next(a.i for a in n.attribute if a.name == "accuracy_level") == level for n in nodes)
+    out = tmp_path / "o-given"
+    assert main(["export", str(tmp / "c"), "--format", "onnx", "--accuracy-level", "4", "--out", str(out)]) == 0
+    assert json.loads((out / "sparsegpt_onnx.json").read_text())["accuracy_level_choice"] == "given"
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp / "c"), "--format", "onnx", "--accuracy-level", "5", "--out", str(tmp_path / "x")])
+    assert "--accuracy-level: '5': choose auto, 0, 1, 2, 3 or 4" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_onnx_graph_option(compressed, tmp_path, capsys):
