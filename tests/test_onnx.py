@@ -317,7 +317,7 @@ def test_quantized_lm_head_in_the_other_exports(compressed, tmp_path):
 
 def test_benchmark_helpers_measure_the_real_graph(compressed, exported):
     """benchmarks/onnx_cpu.py's byte count and decode loop, on the tiny export."""
-    from benchmarks.onnx_cpu import Loop, compressed_bytes, ort_model
+    from benchmarks.studies.onnx_cpu import Loop, compressed_bytes, ort_model
 
     side = json.loads((exported / "sparsegpt_onnx.json").read_text())
     counted = compressed_bytes(exported / "model.onnx")

@@ -1,7 +1,7 @@
 """How much of a decode step `OnnxCausalLM` spends outside ONNX Runtime (Python, binding, cache bookkeeping), in the
 bare loop and under ``generate()``.
 
-    python benchmarks/onnx_runner_overhead.py GRAPH_DIR [GRAPH_DIR ...] [--prompt 512] [--steps 64] [--rounds 3]
+    python -m benchmarks.experiments.onnx_runner_overhead GRAPH_DIR [GRAPH_DIR ...] [--prompt 512] [--steps 64] [--rounds 3]
                                               [--modes loop,generate,generate-torch-threads]
 
 For each graph, ``--rounds`` times and the modes in turn (round-robin): a ``--prompt``-token random prompt, then
@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from onnx_cpu import Gen, Loop  # noqa: E402  (the benchmark's own loop and generate() runner)
+from benchmarks.studies.onnx_cpu import Gen, Loop  # the benchmark's own loop and generate() runner
 
 
 class Timed:

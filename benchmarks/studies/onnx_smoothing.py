@@ -10,8 +10,8 @@ on SmolLM2-135M-Instruct 2:4 + 4-bit g128 symmetric (the calibration of ``onnx_c
    ``onnx_cpu.py``, MatMulNBits at accuracy_level 1 and 4 (``||diff|| / ||torch||`` over all logits);
 3. the torch compressed model's perplexity on WikiText-2 and C4 (16 windows of 2048, as ``compress_smollm2.py``).
 
-    python benchmarks/onnx_smoothing.py [--alphas 0,0.5] [--work DIR] [--out benchmarks/results]
-    python benchmarks/onnx_smoothing.py --alphas 0.6 --lm-head-alphas 0,0.3,0.6
+    python -m benchmarks.studies.onnx_smoothing [--alphas 0,0.5] [--work DIR] [--out benchmarks/results]
+    python -m benchmarks.studies.onnx_smoothing --alphas 0.6 --lm-head-alphas 0,0.3,0.6
 
 Writes ``<out>/onnx_smoothing.{json,md,log}``. With ``--lm-head-alphas``, every row also quantizes the lm_head
 (``--quantize-lm-head``), its final norm -> lm_head pair smoothed with each of those strengths
@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compress_smollm2 as CS  # noqa: E402
-import onnx_cpu as B  # noqa: E402
+from benchmarks.studies import compress_smollm2 as CS
+from benchmarks.studies import onnx_cpu as B
 
 
 def main() -> int:
@@ -40,7 +39,7 @@ def main() -> int:
                     help="quantize the lm_head too, its pair smoothed with each of these (comma separated)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "sparsegpt-export" / "bench-smooth"))
-    ap.add_argument("--out", default=str(B.ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(B.RESULTS))
     args = ap.parse_args()
     for f in (B.CALIB, B.WIKI, CS.C4):
         if not f.is_file():

@@ -1,7 +1,7 @@
 """Issue #29 experiment: which MatMulNBits setting keeps an *unsmoothed* compress output (the README's default
 compress command) within 2e-2 of torch at the best decode speed.
 
-    python benchmarks/onnx_default_level.py C_PLAIN INT4_GRAPH FLOAT32_GRAPH [--policies all4,all1,...] [--repeats 3]
+    python -m benchmarks.experiments.onnx_default_level C_PLAIN INT4_GRAPH FLOAT32_GRAPH [--policies all4,all1,...] [--repeats 3]
 
 Each policy rewrites the int4 graph in memory: ``allL`` every MatMulNBits at accuracy_level L; ``normL`` the nodes
 that read a norm's output (packed q/k/v, gate/up, and the lm_head when quantized) at level L, the rest at 4;
@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import onnx_cpu as B  # noqa: E402
+from benchmarks.studies import onnx_cpu as B
 
 NORM_READERS = ("q_k_v_proj", "gate_up_proj", "lm_head")
 

@@ -1,6 +1,6 @@
 """Benchmark: SmolLM2-135M 2:4 + 4-bit as ONNX graphs in ONNX Runtime on CPU, against the float32 graph and torch.
 
-    python benchmarks/onnx_cpu.py [--threads 2] [--repeats 5] [--decode 64] [--smooth-alpha 0] [--onnx-graph gqa|traced]
+    python -m benchmarks.studies.onnx_cpu [--threads 2] [--repeats 5] [--decode 64] [--smooth-alpha 0] [--onnx-graph gqa|traced]
                                   [--accuracy-level L] [--work DIR] [--out DIR]
 
 1. compress (unless ``--work`` already holds the outputs, made with the same options): SmolLM2-135M-Instruct to 2:4 +
@@ -39,10 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("SPARSEGPT_DATA", ROOT.parent / "shared" / "data"))
-CALIB = DATA / "calib-smollm2-c4-128x512.safetensors"
-WIKI = DATA / "wikitext2-raw-test.txt"
+from benchmarks.protocol import CALIB, RESULTS, WIKI
 SHORT_PROMPT = "The capital of France is"  # the short prompt of the speed runs
 COMPRESS = ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym", "--dataset", str(CALIB),
             "--nsamples", "128", "--seqlen", "512", "--seed", "0", "--device", "cpu"]
@@ -252,7 +249,7 @@ def parse_args() -> argparse.Namespace:
                     help="work folder (default ~/.cache/sparsegpt-export/bench-onnx, -smooth<alpha> when smoothing); "
                          "compress outputs already in <work>/c-plain and <work>/c-lmhead made with the same options are "
                          "reused")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--ort-fusions", action="store_true",
                     help="export the graphs with --ort-fusions cpu (into <work>/<graph>-fused; results onnx_cpu_fused.*)")
     ap.add_argument("--onnx-graph", choices=["gqa", "traced"], default="gqa",

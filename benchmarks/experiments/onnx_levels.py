@@ -2,11 +2,10 @@
 benchmarks/onnx_cpu.py (its work folder): logits parity against the torch model on a 512-token WikiText-2 window,
 and greedy decode tok/s of 64 tokens after it (median of 3 after a warm-up, the policies interleaved).
 
-    python benchmarks/onnx_levels.py onnx-int4 c-plain [all4,all1,down1,...]   (raw output: results/onnx_levels.log)
+    python -m benchmarks.experiments.onnx_levels onnx-int4 c-plain [all4,all1,down1,...]   (raw output: results/onnx_levels.log)
 """
 import sys, time, numpy as np, torch, onnx
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-import onnx_cpu as B
+from benchmarks.studies import onnx_cpu as B
 from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import onnxruntime as ort
