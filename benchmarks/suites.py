@@ -173,7 +173,7 @@ E2E_MODELS = {  # Llama architecture, random weights
 
 def _random_pruned_export(cfg_kwargs: dict, work: Path, dtype: torch.dtype) -> tuple[Path, Path, int]:
     """A random Llama with every decoder linear pruned 2:4, saved as a compress output and exported as sparse24."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from sparsegpt_export.config import SparseGPTConfig
     from sparsegpt_export.converters import sparse24
@@ -182,7 +182,7 @@ def _random_pruned_export(cfg_kwargs: dict, work: Path, dtype: torch.dtype) -> t
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**cfg_kwargs, max_position_embeddings=4096)
-    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()  # built in dtype: no float32 copy
     records = {}
     path, blocks = find_blocks(model)
     with torch.no_grad():
@@ -226,7 +226,7 @@ def run_e2e(device: str, quick: bool) -> dict[str, Any]:
                     r["weights_gib_on_device"] = (torch.cuda.memory_allocated() - base) / 2**30
                 if variant == "sparse24":
                     rep = model.sparsegpt_load_report
-                    r["layers_semi_structured"], r["layers_dense"] = rep["semi_structured"], rep["dense"]
+                    r["layers_on_kernels"], r["layers_dense"] = rep["kernels"], rep["dense"]
                 vocab = model.config.vocab_size
                 with torch.no_grad():
                     for bsz, seq in prefill:
@@ -409,7 +409,7 @@ def run_compress(device: str, quick: bool, peer_python: str | None = None, insta
     import os
 
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from sparsegpt_export.calibration import load_eval_text
 

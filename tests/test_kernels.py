@@ -257,3 +257,20 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("sm90")]
     assert len(lines) == 6 and all("cubin" in line for line in lines), out.stdout
+
+
+def test_from_dense_int4_and_fp16_layouts():
+    gen = torch.Generator().manual_seed(6)
+    w = _pruned(24, 72, gen)  # 72 = 2 groups of 32 + a ragged 8
+    layer, info = plan.from_dense(w.half(), 4, 32, cpu_variant="torch")
+    assert info["kernel"] == layout.INT4 and layer.codes.dtype == torch.uint8 and layer.scales.shape == (24, 3)
+    back = layer.dense_weight(torch.float32)
+    assert bool(((back != 0) <= (w != 0)).all())  # the 2:4 mask is kept
+    err = (back - w).abs() / layer.scales.float().repeat_interleave(32, 1)[:, :72]
+    assert float(err.max()) <= 0.5 + 1e-3  # within half a grid step
+    x = torch.randn(3, 72, generator=gen).half()
+    torch.testing.assert_close(layer(x).float(), x.float() @ back.half().float().t(), rtol=2e-2, atol=2e-2)
+    fp16, info = plan.from_dense(w.half(), None, cpu_variant="torch")
+    assert info["kernel"] == layout.FP16 and torch.equal(fp16.dense_weight(), w.half())
+    dense, info = plan.from_dense(w.half(), 4)
+    assert dense.kind == "dense" and info["reason"] == "not on a CUDA device"

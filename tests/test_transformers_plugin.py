@@ -125,3 +125,16 @@ def test_bad_checkpoints_fail_before_anything_loads(s24):
     f.write_bytes(good)
     (s24 / "config.json").write_text(cfg)
     assert AutoModelForCausalLM.from_pretrained(str(s24)) is not None
+
+
+def test_static_cache_generate_and_compileable(s24):
+    """The recipe of the README (``cache_implementation="static"``; compiled on a GPU) runs, eager here, and gives
+    the same tokens as the dynamic cache."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(s24))
+    assert model.hf_quantizer.is_compileable
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static, model.generate(ids, **kw)) and static.shape == (2, 14)

@@ -161,3 +161,49 @@ def build_layer(record: dict, stored: dict[str, torch.Tensor], decode: Callable[
         del layer
     info.update(kernel=DENSE, reason=why)
     return Sparse24Linear(cols, rows, DENSE, {"weight": decode().to(device)}, bias=bias), info
+
+
+def quantize_24(w: torch.Tensor, group_size: Optional[int] = 128) -> dict[str, Optional[torch.Tensor]]:
+    """The int4 2:4 runtime layout of a dense 2:4 weight ``w`` [N, K] (symmetric 4-bit grid per group, float16
+    scales), built on ``w``'s device: for benchmarks and for users without a sparse24 file. The weight it stands
+    for is ``layout.dense_from_layout(INT4, ...)``, not ``w`` (rounding to the grid)."""
+    n, k = w.shape
+    values, positions = layout.pack_24(w)
+    gs = group_size or k
+    ngroups = -(-k // gs)
+    pad = torch.zeros(n, ngroups * gs - k, device=w.device, dtype=w.dtype)
+    amax = torch.cat([w, pad], dim=1).abs().reshape(n, ngroups, gs).amax(-1).float()
+    scales = (amax / 7).clamp_min(1e-8).half()
+    kept_group = (torch.arange(k // 2, device=w.device) // 2 * 4) // gs
+    s = scales.float()[:, kept_group]
+    codes = (torch.round(values.float() / s) + 8).clamp(0, 15).to(torch.int32).reshape(n, k // 4, 2)
+    return {"codes": (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8), "positions": positions,
+            "scales": scales, "zeros": None}
+
+
+def from_dense(w: torch.Tensor, bits: Optional[int], group_size: Optional[int] = 128,
+               bias: Optional[torch.Tensor] = None, cache: Optional[dict] = None,
+               cpu_variant: Optional[str] = None) -> tuple[Sparse24Linear, dict]:
+    """A `Sparse24Linear` for a dense 2:4 weight on its device (int4 when ``bits == 4``), with the dispatch of
+    `build_layer`; dense, and why, where the kernels do not apply. ``cpu_variant`` (e.g. ``"torch"``) runs the
+    packed layer on a CPU by that variant alone (harness checks; not a speed path)."""
+    n, k = w.shape
+    record = {"pattern": "2:4", "bits": bits, "group_size": group_size if bits else None, "shape": [n, k]}
+    kind, why = kernel_kind(record, w.device, w.dtype)
+    if kind is None and w.device.type == "cpu" and cpu_variant:
+        kind, why = shape_kind(record, w.dtype)
+    if kind is None:
+        return Sparse24Linear(k, n, DENSE, {"weight": w}, bias=bias), {"kernel": DENSE, "reason": why}
+    if kind == layout.INT4:
+        tensors = quantize_24(w, group_size)
+    else:
+        tensors = dict(zip(("values", "positions"), layout.pack_24(w)))
+    layer = Sparse24Linear(k, n, kind, tensors, group_size if bits else None, bias)
+    if w.device.type == "cpu":
+        layer.set_dispatch(((UNBOUNDED, cpu_variant),))
+        return layer, {"kernel": kind, "dispatch": layer.dispatch_text(), "reason": "CPU: harness check only"}
+    table, why, _ = _kernel_plan(layer, (kind, n, k, layer.group_size, True, w.dtype), {} if cache is None else cache)
+    if not table:
+        return Sparse24Linear(k, n, DENSE, {"weight": w}, bias=bias), {"kernel": DENSE, "reason": why}
+    layer.set_dispatch(table)
+    return layer, {"kernel": kind, "dispatch": layer.dispatch_text(), "reason": why}

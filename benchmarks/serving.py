@@ -1,0 +1,297 @@
+"""Serving rows of ``python -m benchmarks gpu-check``: our 2:4 kernels (`sparsegpt_export.kernels`) against dense
+fp16 (cuBLAS) and int4 dense through PyTorch's ``torch._weight_int4pack_mm`` (tinygemm, bf16: the anchor of
+gpt-fast and torchao users), per linear shape (eager and CUDA-graph replay, GB/s against the measured copy
+bandwidth) and end to end (random Llama built on the device in fp16; eager and compiled static-cache decode)."""
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .harness import rel_error, timed
+
+INT4_GS = 128
+
+
+def graph_timed(fn: Callable[[], Any], device: str, repeat: int = 20) -> dict[str, float]:
+    """``fn`` captured once in a CUDA graph and its replay timed (host launch cost hidden)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return timed(g.replay, device, warmup=3, repeat=repeat)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Device memory bandwidth in GB/s: a 1 GiB device-to-device copy (read + write)."""
+    n = (1 << 30) // 2 if device.startswith("cuda") else (1 << 24)
+    a, b = torch.empty(n, dtype=torch.float16, device=device), torch.empty(n, dtype=torch.float16, device=device)
+    t = timed(lambda: b.copy_(a), device, warmup=3, repeat=10)
+    return 2 * a.numel() * a.element_size() / (t["median_ms"] / 1e3) / 1e9
+
+
+class Int4DenseLinear(nn.Module):
+    """int4 dense through ``torch._weight_int4pack_mm`` (tinygemm; bfloat16; CUDA): symmetric grid per group."""
+
+    def __init__(self, w: torch.Tensor, group_size: int = INT4_GS):
+        super().__init__()
+        n, k = w.shape
+        wf = w.float().reshape(n, k // group_size, group_size)
+        scale = (wf.abs().amax(-1) / 7).clamp_min(1e-8)
+        q = (torch.round(wf / scale[..., None]) + 8).clamp(0, 15).to(torch.int32).reshape(n, k)
+        packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack(packed, 8))
+        sz = torch.stack([scale, torch.zeros_like(scale)], dim=-1)  # w = (q - 8) * scale + 0
+        self.register_buffer("scales_and_zeros", sz.transpose(0, 1).contiguous().to(torch.bfloat16))
+        self.group_size, self.out_features = group_size, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t is not None and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def make_layer(variant: str, w: torch.Tensor, cache: dict, cpu_variant: Optional[str]) -> tuple[nn.Module, dict]:
+    """One linear of ``variant`` ("dense", "int4 dense (tinygemm)", "fp16 2:4", "int4 2:4") for the dense 2:4
+    weight ``w`` (already on the int4 grid for the int4 variants)."""
+    from sparsegpt_export.kernels.plan import from_dense
+
+    if variant == "dense":
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        return lin, {"kernel": "cuBLAS" if w.is_cuda else "dense"}
+    if variant == "int4 dense (tinygemm)":
+        if not w.is_cuda:
+            raise RuntimeError("torch._weight_int4pack_mm runs on CUDA here")
+        return Int4DenseLinear(w), {"kernel": "tinygemm"}
+    return from_dense(w, 4 if variant == "int4 2:4" else None, INT4_GS, cache=cache, cpu_variant=cpu_variant)
+
+
+def on_int4_grid(w: torch.Tensor, group_size: int = INT4_GS) -> torch.Tensor:
+    """``w`` rounded to the symmetric 4-bit grid of `plan.quantize_24` (what the int4 layers hold)."""
+    from sparsegpt_export.kernels import layout
+    from sparsegpt_export.kernels.plan import quantize_24
+
+    return layout.dense_from_layout(layout.INT4, quantize_24(w, group_size), w.shape[1], group_size, w.dtype)
+
+
+GEMM_VARIANTS = ("dense", "int4 dense (tinygemm)", "fp16 2:4", "int4 2:4")
+
+
+def _cell(layer: nn.Module, x: torch.Tensor, ref: torch.Tensor, device: str, info: dict, bw: float) -> dict:
+    """One timed cell: checked against dense first (else skipped, with the error), eager and graph replay."""
+    out = layer(x)
+    err = rel_error(ref, out)
+    if err > 2e-2:
+        return {**info, "skipped": f"result differs from dense (relative error {err:.3g}); not timed"}
+    cell = {**info, "rel_error": err, "eager": timed(lambda: layer(x), device, warmup=3, repeat=20)}
+    nbytes = weight_bytes(layer)
+    cell["weight_bytes"] = nbytes
+    if device.startswith("cuda"):
+        cell["graph"] = graph_timed(lambda: layer(x), device)
+        cell["graph_gb_s"] = nbytes / (cell["graph"]["median_ms"] / 1e3) / 1e9
+        cell["graph_fraction_of_copy_bw"] = cell["graph_gb_s"] / bw
+    return cell
+
+
+def gemm_rows(device: str, shapes: dict, tokens: list[int], deadline: float,
+              cpu_variant: Optional[str] = None) -> dict[str, Any]:
+    """Per (shape, M): every variant of `GEMM_VARIANTS` in fp16 (tinygemm in bf16), eager and CUDA graph."""
+    bw = copy_bandwidth(device)
+    rows, cache = [], {}
+    for name, (n, k) in shapes.items():
+        w = on_int4_grid(_pruned(n, k, device))
+        for m in tokens:
+            row: dict[str, Any] = {"shape": name, "out": n, "in": k, "tokens": m}
+            if time.monotonic() > deadline:
+                row["skipped"] = "out of the time budget"
+                rows.append(row)
+                continue
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            ref = F.linear(x, w)
+            for variant in GEMM_VARIANTS:
+                try:
+                    layer, info = make_layer(variant, w, cache, cpu_variant)
+                    row[variant] = _cell(layer, x, ref, device, info, bw)
+                except Exception as e:  # noqa: BLE001 - a failing variant is a result, not a crash
+                    row[variant] = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+            _speedups(row)
+            rows.append(row)
+            print(gemm_line(row), flush=True)
+        del w
+    return {"copy_bandwidth_gb_s": bw, "rows": rows}
+
+
+def _speedups(row: dict) -> None:
+    base = row["dense"]
+    for v in GEMM_VARIANTS[1:]:
+        c = row.get(v, {})
+        if "eager" in c and "eager" in base:
+            c["x_dense_eager"] = base["eager"]["median_ms"] / c["eager"]["median_ms"]
+        if "graph" in c and "graph" in base:
+            c["x_dense_graph"] = base["graph"]["median_ms"] / c["graph"]["median_ms"]
+
+
+def _pruned(n: int, k: int, device: str) -> torch.Tensor:
+    g = torch.randn(n, k // 4, 4, device=device, dtype=torch.float16) * 0.02
+    idx = g.abs().topk(2, dim=-1).indices
+    return torch.zeros_like(g).scatter_(-1, idx, g.gather(-1, idx)).reshape(n, k)
+
+
+def gemm_line(r: dict) -> str:
+    if "skipped" in r:
+        return f"{r['shape']:18s} M={r['tokens']:<5d} skipped: {r['skipped']}"
+    parts = [f"{r['shape']:18s} M={r['tokens']:<5d}"]
+    for v in GEMM_VARIANTS:
+        c = r.get(v, {})
+        t = c.get("graph", c.get("eager"))
+        parts.append(f"{v}: " + (f"{t['median_ms']:.4f} ms" if t else "skipped"))
+    return "  ".join(parts)
+
+
+E2E_VARIANTS = ("int4 2:4", "dense", "int4 dense (tinygemm)", "fp16 2:4")  # the headline rows first
+
+
+def build_llama(cfg_kwargs: dict, device: str) -> nn.Module:
+    """A random Llama built on ``device`` in fp16, every decoder linear pruned 2:4 and put on the int4 g128 grid
+    (so that every variant computes with the same weights)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**cfg_kwargs, max_position_embeddings=4096)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
+    with torch.no_grad():
+        for _, lin in decoder_linears(model):
+            n, k = lin.weight.shape
+            g = lin.weight.reshape(n, k // 4, 4)
+            idx = g.abs().topk(2, dim=-1).indices
+            pruned = torch.zeros_like(g).scatter_(-1, idx, g.gather(-1, idx)).reshape(n, k)
+            lin.weight.copy_(on_int4_grid(pruned))
+    return model
+
+
+def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if ".layers." in n and isinstance(m, nn.Linear)]
+
+
+def swap(model: nn.Module, variant: str, cpu_variant: Optional[str]) -> tuple[dict, dict]:
+    """Replace every decoder linear by its ``variant`` layer; returns the originals and a summary of paths."""
+    originals, cache, paths = {}, {}, {}
+    for name, lin in decoder_linears(model):
+        layer, info = make_layer(variant, lin.weight.detach(), cache, cpu_variant)
+        parent, _, child = name.rpartition(".")
+        originals[name] = lin
+        setattr(model.get_submodule(parent), child, layer)
+        key = f"{info.get('kernel')}: {info.get('dispatch', '')} ({info.get('reason', '')})".replace(" ()", "")
+        paths[key] = paths.get(key, 0) + 1
+    return originals, paths
+
+
+def restore(model: nn.Module, originals: dict) -> None:
+    for name, lin in originals.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, lin)
+
+
+def _generate(model, ids, new_tokens: int, compiled: bool) -> Callable[[], Any]:
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if compiled:
+        kw["cache_implementation"] = "static"
+    return lambda: model.generate(ids, **kw)
+
+
+def _measure(fn: Callable[[], Any], device: str, deadline: float, warmup: int, repeat: int) -> dict:
+    if time.monotonic() > deadline:
+        return {"skipped": "out of the time budget"}
+    try:
+        with torch.no_grad():
+            return timed(fn, device, warmup=warmup, repeat=repeat)
+    except Exception as e:  # noqa: BLE001 - recorded: the row says what failed
+        return {"skipped": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+
+
+def variant_rows(model, variant: str, device: str, plan: dict, deadline: float,
+                 cpu_variant: Optional[str]) -> dict[str, Any]:
+    """Prefill (eager) and decode tokens/s (eager and compiled static-cache ``generate``) of one variant."""
+    cuda = device.startswith("cuda")
+    try:
+        originals, paths = swap(model, variant, cpu_variant)
+    except Exception as e:  # noqa: BLE001
+        return {"skipped": f"failed to build: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    r: dict[str, Any] = {"paths": paths, "weights_gib": weight_bytes(model) / 2**30,
+                         "linear_weights_gib": sum(weight_bytes(m) for _, m in decoder_linears_any(model)) / 2**30}
+    vocab = model.config.vocab_size
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)
+    for bsz, seq in plan["prefill"]:
+        ids = torch.randint(0, vocab, (bsz, seq), device=device)
+        r[f"prefill_{bsz}x{seq}"] = _measure(lambda: model(ids, use_cache=False), device, deadline, 2, plan["repeat"])
+    for bsz in plan["decode"]:
+        ids = torch.randint(0, vocab, (bsz, 16), device=device)
+        for mode in ("compiled", "eager"):
+            key = f"decode_b{bsz}_{mode}"
+            if mode == "compiled" and not cuda:
+                r[key] = {"skipped": "compiled static-cache decode (CUDA graphs) needs CUDA"}
+                continue
+            t = _measure(_generate(model, ids, plan["new_tokens"], mode == "compiled"), device, deadline, 1,
+                         plan["repeat"])
+            if "median_ms" in t:
+                t["tokens_per_s"] = bsz * plan["new_tokens"] / (t["median_ms"] / 1e3)
+            r[key] = t
+            print(f"  {variant} {key}: " + (f"{t['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in t else t["skipped"]),
+                  flush=True)
+    restore(model, originals)
+    gc.collect()
+    return r
+
+
+def decoder_linears_any(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The decoder's linear layers whatever their class (after `swap`)."""
+    return [(n, m) for n, m in model.named_modules()
+            if ".layers." in n and n.rsplit(".", 1)[-1].endswith("_proj") and not list(m.children())]
+
+
+def e2e_rows(device: str, models: dict[str, dict], plan: dict, deadline: float,
+             cpu_variant: Optional[str] = None) -> list[dict]:
+    rows = []
+    for mname, cfg in models.items():
+        if time.monotonic() > deadline:
+            rows.append({"model": mname, "skipped": "out of the time budget"})
+            continue
+        t0 = time.monotonic()
+        model = build_llama(cfg, device)
+        row: dict[str, Any] = {"model": mname, "parameters": sum(p.numel() for p in model.parameters()),
+                               "build_s": round(time.monotonic() - t0, 1), "dtype": "float16",
+                               "note": "random weights pruned 2:4 on the int4 g128 grid; built on the device"}
+        print(f"== e2e {mname} built in {row['build_s']} s", flush=True)
+        for variant in E2E_VARIANTS:
+            if variant == "int4 dense (tinygemm)" and not device.startswith("cuda"):
+                row[variant] = {"skipped": "torch._weight_int4pack_mm runs on CUDA here"}
+                continue
+            row[variant] = variant_rows(model, variant, device, plan, deadline, cpu_variant)
+        del model
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
