@@ -409,7 +409,7 @@ def run_compress(device: str, quick: bool, peer_python: str | None = None, insta
     import os
 
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from sparsegpt_export.calibration import load_eval_text
 

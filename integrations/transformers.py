@@ -7,15 +7,15 @@
    (every tensor present with the shape and dtype its layer record implies, nothing extra, a known
    ``format_version``), and every recorded layer is replaced by a `PackedSparseLinear` whose buffers are
    exactly the stored tensors, so transformers reads the packed bytes straight into them;
-2. after loading, each layer is decoded once (the same code as `converters.sparse24.load_state_dict`, so the
-   weights are bit-identical to that path) into a plain ``nn.Linear``:
-   - on CUDA, 2:4 layers in float16/bfloat16 whose shapes the kernels take get a
-     ``torch.sparse.SparseSemiStructuredTensor`` weight (cuSPARSELt, or CUTLASS when cuSPARSELt is missing or
-     ``SparseSemiStructuredTensor._FORCE_CUTLASS`` is set; a layer stored in the CUTLASS layout is then built
-     from its stored values and metadata without recompressing). int4 codes are dequantized to the model's
-     dtype first;
-   - everywhere else (CPU, other patterns, shapes the kernels refuse) the weight is dense.
-   ``model.sparsegpt_load_report`` lists what each layer got, and why a layer fell back to dense.
+2. after loading, each layer becomes a `sparsegpt_export.kernels.Sparse24Linear` (`kernels.plan.build_layer`):
+   - on CUDA (sm80+, with triton), 2:4 layers, int4 or float16/bfloat16, keep their packed tensors on the device
+     (a CUTLASS-layout file is repacked once) and run on the package's Triton kernels through a per-M dispatch
+     table measured once per distinct layer shape against dense;
+   - everywhere else (CPU, no triton, older GPUs, other patterns, shapes the kernels do not take) the layer is
+     decoded once (the same code as `converters.sparse24.load_state_dict`, so the weights are bit-identical to
+     that path) into a dense weight.
+   ``model.sparsegpt_load_report`` lists what each layer got (kernel kind and dispatch, or dense) and why. The
+   quantizer is compileable: ``generate(..., cache_implementation="static")`` compiles the decode step.
 """
 from __future__ import annotations
 
