@@ -29,7 +29,7 @@ def _plan(cuda: bool, quick: bool) -> dict[str, Any]:
     if quick:
         return {"shapes": QUICK_SHAPES, "tokens": [1, 16] if not cuda else [1, 16, 2048],
                 "models": {"tiny": E2E_MODELS["tiny"]},
-                "e2e": {"prefill": [(1, 64)], "decode": [1, 2], "new_tokens": 4, "repeat": 2},
+                "e2e": {"prefill": [(1, 64)], "decode": [1], "new_tokens": 4, "repeat": 2},
                 "tests": ["tests/test_cuda.py"]}
     return {"shapes": {k: SHAPES[k] for k in GEMM_SHAPES}, "tokens": [1, 16, 64, 2048],
             "models": {k: E2E_MODELS[k] for k in ("llama-1B", "llama-8B")},
