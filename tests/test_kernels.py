@@ -274,3 +274,31 @@ def test_from_dense_int4_and_fp16_layouts():
     assert info["kernel"] == layout.FP16 and torch.equal(fp16.dense_weight(), w.half())
     dense, info = plan.from_dense(w.half(), 4)
     assert dense.kind == "dense" and info["reason"] == "not on a CUDA device"
+
+
+def test_compiled_static_cache_generate_through_packed_layers():
+    """transformers' compiled static-cache decode (full graph; the aot_eager backend on a CPU) traces
+    `Sparse24Linear` and the custom ops, and gives the eager tokens."""
+    from transformers import CompileConfig
+
+    from conftest import make_model
+
+    model = make_model("llama").half()
+    for name, lin in [(n, m) for n, m in model.named_modules() if ".layers." in n and isinstance(m, torch.nn.Linear)]:
+        w = lin.weight.detach()
+        g = w.reshape(w.shape[0], -1, 4)
+        idx = g.abs().topk(2, dim=-1).indices
+        w = torch.zeros_like(g).scatter_(-1, idx, g.gather(-1, idx)).reshape(w.shape)
+        layer, info = plan.from_dense(w, 4, 32, cpu_variant="torch")
+        assert info["kernel"] == layout.INT4
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    eager = model.generate(ids, **kw)
+    cc = CompileConfig(backend="aot_eager", fullgraph=True)
+    cc._compile_all_devices = True  # transformers compiles on GPUs only unless told
+    torch._dynamo.reset()
+    compiled = model.generate(ids, cache_implementation="static", compile_config=cc, **kw)
+    assert torch.equal(eager, compiled)
+    assert hasattr(model, "_compiled_call")  # the decode step did go through torch.compile

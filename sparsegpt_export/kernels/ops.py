@@ -9,6 +9,7 @@
 ``F.linear``) run the Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``); ``"torch"`` is the
 pure-torch reference (any device, no triton).
 """
+import functools
 import os
 from typing import Optional
 
@@ -39,6 +40,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
