@@ -302,3 +302,32 @@ def test_compiled_static_cache_generate_through_packed_layers():
     compiled = model.generate(ids, cache_implementation="static", compile_config=cc, **kw)
     assert torch.equal(eager, compiled)
     assert hasattr(model, "_compiled_call")  # the decode step did go through torch.compile
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU, tests/test_cuda.py loads onto the kernels for real")
+@pytest.mark.parametrize("bits", ["4", "none"])
+def test_loader_puts_every_layer_on_the_kernels(saved_tiny, tmp_path, monkeypatch, bits):
+    """``from_pretrained`` with the device check lifted (as on a GPU): every 2:4 layer stays packed and runs on the
+    Triton kernels (interpreted here) with the default dispatch; logits match the file's dense decode."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import compress_tiny
+
+    monkeypatch.setattr(plan, "kernel_kind", lambda record, device, dtype: plan.shape_kind(record, dtype))
+    monkeypatch.setenv("SPARSEGPT_KERNEL_TUNE", "0")
+    comp = tmp_path / "c"
+    assert compress_tiny(saved_tiny, comp, "--pattern", "2:4", "--bits", bits, "--asym") == 0
+    s24 = sparse24.export(comp, tmp_path / "s24", dtype="float16")
+    model = AutoModelForCausalLM.from_pretrained(str(s24))
+    report = model.sparsegpt_load_report
+    assert report["kernels"] == 14 and report["dense"] == 0, report
+    kind = layout.INT4 if bits == "4" else layout.FP16
+    for r in report["layers"]:
+        assert r["kernel"] == kind and r["dispatch"] == "gemv M<=16, tiled M<=256, decode above", r
+        assert isinstance(model.get_submodule(r["layer"]), Sparse24Linear)
+    reference = sparse24.load_model(s24)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model(ids).logits.float(), reference(ids).logits.float()
+    torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
