@@ -2,7 +2,8 @@
 measure, in one command and inside ``--budget`` seconds: the CUDA tests, the linear shapes that matter (our int4
 2:4 and fp16 2:4 kernels, dense cuBLAS, int4 dense tinygemm; eager and CUDA graph; GB/s against the measured copy
 bandwidth) and end to end (a ~1B, then a ~8B random Llama built on the GPU in fp16: prefill, decode tokens/s at
-batch 1/16/64 eager and compiled static-cache, weights on the device). Writes ``gpu_check.json``, ``.md``,
+batch 1/16/64 eager and compiled static-cache, weights on the device; headline rows first: batch-1 compiled
+decode, then prefill 1x2048, ...; the ~1B model gets 40% of the time left, the ~8B the rest). Writes ``gpu_check.json``, ``.md``,
 ``.png`` and the raw logs (``gpu_check.log``, ``gpu_check_tests.log``) to ``<out>/<device-name>/`` and prints the
 tables last. ``--quick`` runs tiny shapes; on a CPU it checks the harness only (no figure there is a GPU figure)."""
 from __future__ import annotations

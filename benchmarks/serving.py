@@ -198,23 +198,23 @@ def decoder_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if ".layers." in n and isinstance(m, nn.Linear)]
 
 
-def swap(model: nn.Module, variant: str, cpu_variant: Optional[str]) -> tuple[dict, dict]:
-    """Replace every decoder linear by its ``variant`` layer; returns the originals and a summary of paths."""
-    originals, cache, paths = {}, {}, {}
+def build_layers(model: nn.Module, variant: str, cpu_variant: Optional[str]) -> tuple[dict, dict]:
+    """Every decoder linear of ``model`` as a ``variant`` layer ({name: module}) and a summary of their paths."""
+    layers, cache, paths = {}, {}, {}
     for name, lin in decoder_linears(model):
-        layer, info = make_layer(variant, lin.weight.detach(), cache, cpu_variant)
-        parent, _, child = name.rpartition(".")
-        originals[name] = lin
-        setattr(model.get_submodule(parent), child, layer)
+        layers[name], info = make_layer(variant, lin.weight.detach(), cache, cpu_variant)
         key = f"{info.get('kernel')}: {info.get('dispatch', '')} ({info.get('reason', '')})".replace(" ()", "")
         paths[key] = paths.get(key, 0) + 1
-    return originals, paths
+    return layers, paths
 
 
-def restore(model: nn.Module, originals: dict) -> None:
-    for name, lin in originals.items():
+def install(model: nn.Module, layers: dict) -> None:
+    """Put ``layers`` ({name: module}) in place, and drop what a compiled forward cached for the previous ones."""
+    for name, layer in layers.items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, lin)
+        setattr(model.get_submodule(parent), child, layer)
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)
 
 
 def _generate(model, ids, new_tokens: int, compiled: bool) -> Callable[[], Any]:
@@ -234,62 +234,89 @@ def _measure(fn: Callable[[], Any], device: str, deadline: float, warmup: int, r
         return {"skipped": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
 
 
-def variant_rows(model, variant: str, device: str, plan: dict, deadline: float,
-                 cpu_variant: Optional[str]) -> dict[str, Any]:
-    """Prefill (eager) and decode tokens/s (eager and compiled static-cache ``generate``) of one variant."""
-    cuda = device.startswith("cuda")
-    try:
-        originals, paths = swap(model, variant, cpu_variant)
-    except Exception as e:  # noqa: BLE001
-        return {"skipped": f"failed to build: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-    r: dict[str, Any] = {"paths": paths, "weights_gib": weight_bytes(model) / 2**30,
-                         "linear_weights_gib": sum(weight_bytes(m) for _, m in decoder_linears_any(model)) / 2**30}
+def phases(plan: dict) -> list[tuple[str, Any, Optional[str]]]:
+    """The e2e measurements, headline first (so a short budget keeps them): batch-1 compiled decode, the first
+    prefill, batch-1 eager decode, then the other decode batches compiled, the other prefills, the rest eager."""
+    (b1, *more), (p1, *pre) = plan["decode"], plan["prefill"]
+    order = [("decode", b1, "compiled"), ("prefill", p1, None), ("decode", b1, "eager")]
+    order += [("decode", b, "compiled") for b in more] + [("prefill", p, None) for p in pre]
+    order += [("decode", b, "eager") for b in more]
+    return order
+
+
+def _phase_key(kind: str, arg: Any, mode: Optional[str]) -> str:
+    return f"prefill_{arg[0]}x{arg[1]}" if kind == "prefill" else f"decode_b{arg}_{mode}"
+
+
+def _run_phase(model, kind: str, arg: Any, mode: Optional[str], device: str, plan: dict, deadline: float) -> dict:
+    if mode == "compiled" and not device.startswith("cuda"):
+        return {"skipped": "compiled static-cache decode (CUDA graphs) needs CUDA"}
     vocab = model.config.vocab_size
-    torch._dynamo.reset()
-    model.__dict__.pop("_compiled_call", None)
-    for bsz, seq in plan["prefill"]:
-        ids = torch.randint(0, vocab, (bsz, seq), device=device)
-        r[f"prefill_{bsz}x{seq}"] = _measure(lambda: model(ids, use_cache=False), device, deadline, 2, plan["repeat"])
-    for bsz in plan["decode"]:
-        ids = torch.randint(0, vocab, (bsz, 16), device=device)
-        for mode in ("compiled", "eager"):
-            key = f"decode_b{bsz}_{mode}"
-            if mode == "compiled" and not cuda:
-                r[key] = {"skipped": "compiled static-cache decode (CUDA graphs) needs CUDA"}
+    if kind == "prefill":
+        ids = torch.randint(0, vocab, arg, device=device)
+        return _measure(lambda: model(ids, use_cache=False), device, deadline, 2, plan["repeat"])
+    ids = torch.randint(0, vocab, (arg, 16), device=device)
+    t = _measure(_generate(model, ids, plan["new_tokens"], mode == "compiled"), device, deadline, 1, plan["repeat"])
+    if "median_ms" in t:
+        t["tokens_per_s"] = arg * plan["new_tokens"] / (t["median_ms"] / 1e3)
+    return t
+
+
+def _variant_layers(model, variant: str, built: dict, row: dict, cpu_variant: Optional[str]) -> Optional[dict]:
+    """The variant's layers, built on first use (weights and paths recorded in ``row``), or None if it failed."""
+    if variant not in built:
+        try:
+            built[variant], paths = build_layers(model, variant, cpu_variant)
+        except Exception as e:  # noqa: BLE001
+            built[variant] = None
+            row["skipped"] = f"failed to build: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            return None
+        row["paths"] = paths
+        row["linear_weights_gib"] = sum(weight_bytes(m) for m in built[variant].values()) / 2**30
+    return built[variant]
+
+
+def model_rows(model, device: str, plan: dict, deadline: float, cpu_variant: Optional[str]) -> dict[str, dict]:
+    """Every variant of `E2E_VARIANTS` through the `phases`, the variant's layers swapped in for each."""
+    originals = dict(decoder_linears(model))
+    rows: dict[str, dict] = {v: {} for v in E2E_VARIANTS}
+    built: dict[str, Optional[dict]] = {"dense": originals}
+    rows["dense"].update(paths={"cuBLAS" if device.startswith("cuda") else "dense": len(originals)},
+                         linear_weights_gib=sum(weight_bytes(m) for m in originals.values()) / 2**30)
+    for kind, arg, mode in phases(plan):
+        key = _phase_key(kind, arg, mode)
+        for variant in E2E_VARIANTS:
+            r = rows[variant]
+            layers = _variant_layers(model, variant, built, r, cpu_variant)
+            if layers is None:
                 continue
-            t = _measure(_generate(model, ids, plan["new_tokens"], mode == "compiled"), device, deadline, 1,
-                         plan["repeat"])
-            if "median_ms" in t:
-                t["tokens_per_s"] = bsz * plan["new_tokens"] / (t["median_ms"] / 1e3)
-            r[key] = t
-            print(f"  {variant} {key}: " + (f"{t['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in t else t["skipped"]),
-                  flush=True)
-    restore(model, originals)
-    gc.collect()
-    return r
-
-
-def decoder_linears_any(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The decoder's linear layers whatever their class (after `swap`)."""
-    return [(n, m) for n, m in model.named_modules()
-            if ".layers." in n and n.rsplit(".", 1)[-1].endswith("_proj") and not list(m.children())]
+            install(model, layers)
+            r.setdefault("weights_gib", weight_bytes(model) / 2**30)
+            r[key] = _run_phase(model, kind, arg, mode, device, plan, deadline)
+            c = r[key]
+            print(f"  {variant} {key}: " + (f"{c['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in c else
+                                            f"{c['median_ms']:.2f} ms" if "median_ms" in c else c["skipped"]), flush=True)
+    install(model, originals)
+    return rows
 
 
 def e2e_rows(device: str, models: dict[str, dict], plan: dict, deadline: float,
              cpu_variant: Optional[str] = None) -> list[dict]:
     rows = []
-    for mname, cfg in models.items():
-        if time.monotonic() > deadline:
+    for i, (mname, cfg) in enumerate(models.items()):
+        now = time.monotonic()
+        if now > deadline:
             rows.append({"model": mname, "skipped": "out of the time budget"})
             continue
+        # the last (largest) model keeps at least 60% of what is left
+        until = deadline if i == len(models) - 1 else now + 0.4 * (deadline - now)
         t0 = time.monotonic()
         model = build_llama(cfg, device)
         row: dict[str, Any] = {"model": mname, "parameters": sum(p.numel() for p in model.parameters()),
                                "build_s": round(time.monotonic() - t0, 1), "dtype": "float16",
                                "note": "random weights pruned 2:4 on the int4 g128 grid; built on the device"}
         print(f"== e2e {mname} built in {row['build_s']} s", flush=True)
-        for variant in E2E_VARIANTS:
-            row[variant] = variant_rows(model, variant, device, plan, deadline, cpu_variant)
+        row.update(model_rows(model, device, plan, until, cpu_variant))
         del model
         gc.collect()
         if device.startswith("cuda"):
