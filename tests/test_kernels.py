@@ -74,7 +74,8 @@ CASES = [  # N, K, group size, sym, M, dtype
     (40, 100, 32, True, 3, torch.float32),   # ragged last group (100 = 3*32 + 4), odd N, odd M
     (72, 136, 64, False, 5, torch.float16),  # asym, ragged
     (33, 64, None, True, 1, torch.float16),  # per channel, M = 1
-    (64, 256, 128, False, 17, torch.float32),  # M over 16: the tiled kernel's 32-row blocks
+    (64, 256, 128, False, 17, torch.float32),  # M over 16: the tiled kernel's 32-row blocks; gemv: one scale a tile
+    (48, 200, 128, True, 2, torch.float16),  # sym, one scale a gemv tile, the second group ragged
 ]
 
 
@@ -134,6 +135,11 @@ def test_gemv_split_k_and_small_blocks():
     x = torch.randn(2, k, generator=gen).to(DEVICE)
     got = ops._launch_gemv(x, layer.codes, layer.positions, layer.scales, layer.zeros, 48, True, split_k=3,
                            block_n=16, block_g=8)
+    torch.testing.assert_close(got, x @ ref.to(DEVICE).t(), rtol=1e-4, atol=1e-4)
+    w, rec = _quantized(_pruned(n, k, gen), 32, True, gen)  # groups of 32 hold whole 8-group tiles: TILE_SCALE
+    layer, ref = _layer(w, rec, torch.float32)
+    got = ops._launch_gemv(x, layer.codes, layer.positions, layer.scales, None, 32, True, split_k=3, block_n=16,
+                           block_g=8)
     torch.testing.assert_close(got, x @ ref.to(DEVICE).t(), rtol=1e-4, atol=1e-4)
     assert ops.gemv_split(n_blocks=1, m=1, groups=58, block_g=8, device=torch.device("cpu")) > 1
 
@@ -256,7 +262,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
                          text=True, timeout=600, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("sm90")]
-    assert len(lines) == 6 and all("cubin" in line for line in lines), out.stdout
+    assert len(lines) == 7 and all("cubin" in line for line in lines), out.stdout
 
 
 def test_from_dense_int4_and_fp16_layouts():

@@ -29,7 +29,8 @@ def _launch_config(kernel: str, m: int = 16) -> dict[str, int]:
     return dict({"gemv": ops.GEMV, "decode": ops.DECODE}.get(kernel) or ops.tiled_config(m))
 
 
-def compile_kernel(kernel: str, quant: bool, sym: bool, dtype: str, arch: int, m: int = 16):
+def compile_kernel(kernel: str, quant: bool, sym: bool, dtype: str, arch: int, m: int = 16,
+                   tile_scale: bool = True):
     """Compile one kernel configuration for ``sm<arch>`` (the tiled kernel with its blocks for ``m`` rows);
     returns triton's compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``)."""
     import triton
@@ -41,7 +42,7 @@ def compile_kernel(kernel: str, quant: bool, sym: bool, dtype: str, arch: int, m
     fn = {"gemv": tk._gemv_kernel, "mm": tk._mm_kernel, "decode": tk._decode_kernel}[kernel]
     cfg = _launch_config(kernel, m)
     warps = cfg.pop("num_warps")
-    const = {"QUANT": quant, "SYM": sym, **cfg}
+    const = {"QUANT": quant, "SYM": sym, **cfg, **({"TILE_SCALE": quant and tile_scale} if kernel == "gemv" else {})}
     sig = {**_signature(kernel, quant, dtype), **{k: "constexpr" for k in const}}
     return triton.compile(ASTSource(fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": warps})
@@ -69,11 +70,15 @@ def registers(compiled, arch: int) -> str:
     return "ptxas could not read the PTX"
 
 
-def configurations(full: bool) -> list[tuple[str, bool, bool, str]]:
+def configurations(full: bool) -> list[tuple]:
+    """(kernel, quant, sym, dtype) to compile; a gemv entry with a 5th item False: without TILE_SCALE (groups
+    that do not hold whole tiles)."""
     if full:
-        return [(k, q, s, d) for k, q, s, d in itertools.product(("gemv", "mm", "decode"), (True, False),
+        base = [(k, q, s, d) for k, q, s, d in itertools.product(("gemv", "mm", "decode"), (True, False),
                                                                  (True, False), ("fp16", "bf16")) if q or s]
-    return [(k, q, s, d) for k in ("gemv", "mm", "decode") for q, s, d in ((True, False, "bf16"), (False, True, "fp16"))]
+    else:
+        base = [(k, q, s, d) for k in ("gemv", "mm", "decode") for q, s, d in ((True, False, "bf16"), (False, True, "fp16"))]
+    return base + [("gemv", True, True, "fp16", 16, False)]
 
 
 def main(argv=None) -> int:
@@ -86,9 +91,10 @@ def main(argv=None) -> int:
     for arch in (int(a) for a in args.arch.split(",")):
         for cfg in configurations(args.all):
             try:
-                compiled = compile_kernel(*cfg, arch)
+                compiled = compile_kernel(*cfg[:4], arch, *cfg[4:])
                 regs = f"; {registers(compiled, arch)}" if args.regs else ""
-                print(f"sm{arch} {cfg[0]} quant={cfg[1]} sym={cfg[2]} {cfg[3]}: cubin {len(compiled.asm['cubin'])} "
+                extra = " (no TILE_SCALE)" if cfg[4:] else ""
+                print(f"sm{arch} {cfg[0]}{extra} quant={cfg[1]} sym={cfg[2]} {cfg[3]}: cubin {len(compiled.asm['cubin'])} "
                       f"bytes{regs}", flush=True)
             except Exception as e:  # noqa: BLE001 - reported, counted
                 failed += 1

@@ -21,7 +21,7 @@ from . import layout
 VARIANTS = ("gemv", "tiled", "decode", "torch")
 # launch configurations: compiled for sm90 without spills (``python -m sparsegpt_export.kernels.aot --regs``);
 # not tuned on a GPU yet
-GEMV = {"BLOCK_N": 32, "BLOCK_G": 64, "num_warps": 8}
+GEMV = {"BLOCK_N": 64, "BLOCK_G": 32, "num_warps": 8}  # 32 groups = 128 inputs: one scale per tile at g128
 TILED = {16: {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8},
          32: {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8},
          64: {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 8}}
@@ -48,8 +48,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def gemv_split(n_blocks: int, m: int, groups: int, block_g: int, device: torch.device) -> int:
-    """Split-K so that about two programs per SM run, each with at least one block of groups."""
-    want = max(1, (2 * _sm_count(device)) // max(1, n_blocks * m))
+    """Split-K so that about four programs per SM run, each with at least one block of groups."""
+    want = max(1, (4 * _sm_count(device)) // max(1, n_blocks * m))
     return max(1, min(want, -(-groups // block_g)))
 
 
@@ -70,7 +70,7 @@ def _launch_gemv(x, data, positions, scales, zeros, gs, quant, split_k=None, blo
     tk._gemv_kernel[(n_blocks, split, m)](
         x, data, positions, s, zeros if zeros is not None else s, out, n, groups, gs, per_split, x.stride(0),
         data.stride(0), positions.stride(0), s.stride(0), QUANT=quant, SYM=zeros is None, BLOCK_N=block_n,
-        BLOCK_G=block_g, num_warps=GEMV["num_warps"])
+        BLOCK_G=block_g, TILE_SCALE=quant and gs % (4 * block_g) == 0, num_warps=GEMV["num_warps"])
     return out.to(x.dtype)
 
 

@@ -7,7 +7,9 @@ float32:
 - `_gemv_kernel` (decode, small M): works in the group domain. A program takes ``BLOCK_N`` rows and a slice of
   the input groups (split-K), reads each group's byte of codes and its nibble of positions once, gathers the two
   matching inputs of ``x`` and adds its partial sums into a float32 output with atomics; grid (N blocks, split-K,
-  M).
+  M). When a tile of ``4 * BLOCK_G`` inputs lies inside one quantization group (``TILE_SCALE``: the group size a
+  multiple of it, e.g. 128 with ``BLOCK_G = 32``), the scale and zero are read once per row and applied to the
+  tile's code sums (the weights are then not rounded to the input dtype first: a float32 difference).
 - `_mm_kernel` (tiled, larger M): rebuilds a dense ``[BLOCK_N, BLOCK_K]`` tile of ``W`` per step and multiplies
   with ``tl.dot`` on the tensor cores.
 - `_decode_kernel`: writes the dense weight (for large M, where cuBLAS on the decoded weight wins).
@@ -26,7 +28,8 @@ import triton.language as tl
 
 @triton.jit
 def _gemv_kernel(x_ptr, d_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, G, GS, G_PER_SPLIT, stride_xm, stride_d, stride_p,
-                 stride_s, QUANT: tl.constexpr, SYM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+                 stride_s, QUANT: tl.constexpr, SYM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                 TILE_SCALE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -41,25 +44,34 @@ def _gemv_kernel(x_ptr, d_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, G, GS, G_PER_SPL
         nib = (pb >> ((rg % 2) * 4)[None, :]) & 15
         p0 = nib & 3
         p1 = nib >> 2
-        if QUANT:
-            cb = tl.load(d_ptr + rn[:, None] * stride_d + rg[None, :], mask=mask, other=0).to(tl.int32)
-            soff = rn[:, None] * stride_s + ((rg * 4) // GS)[None, :]
-            s = tl.load(s_ptr + soff, mask=mask, other=0).to(tl.float32)
-            if SYM:
-                z = 8.0
-            else:
-                z = tl.load(z_ptr + soff, mask=mask, other=0).to(tl.float32)
-            v0 = ((cb & 15).to(tl.float32) - z) * s
-            v1 = ((cb >> 4).to(tl.float32) - z) * s
-        else:
-            v0 = tl.load(d_ptr + rn[:, None] * stride_d + (2 * rg)[None, :], mask=mask, other=0).to(tl.float32)
-            v1 = tl.load(d_ptr + rn[:, None] * stride_d + (2 * rg + 1)[None, :], mask=mask, other=0).to(tl.float32)
-        v0 = v0.to(x_ptr.dtype.element_ty).to(tl.float32)  # the weight as the dense model holds it
-        v1 = v1.to(x_ptr.dtype.element_ty).to(tl.float32)
         xrow = x_ptr + m * stride_xm + (4 * rg)[None, :]
         x0 = tl.load(xrow + p0, mask=mask, other=0).to(tl.float32)
         x1 = tl.load(xrow + p1, mask=mask, other=0).to(tl.float32)
-        acc += tl.sum(v0 * x0 + v1 * x1, axis=1)
+        if QUANT:
+            cb = tl.load(d_ptr + rn[:, None] * stride_d + rg[None, :], mask=mask, other=0).to(tl.int32)
+            if TILE_SCALE:  # the tile lies in one quantization group: one scale (and zero) per row, applied once
+                soff1 = rn * stride_s + ((g_begin + g0) * 4) // GS
+                s1 = tl.load(s_ptr + soff1, mask=nmask, other=0).to(tl.float32)
+                if SYM:
+                    z1 = tl.full([BLOCK_N], 8.0, tl.float32)
+                else:
+                    z1 = tl.load(z_ptr + soff1, mask=nmask, other=0).to(tl.float32)
+                c = (cb & 15).to(tl.float32) * x0 + (cb >> 4).to(tl.float32) * x1
+                acc += s1 * (tl.sum(c, axis=1) - z1 * tl.sum(x0 + x1, axis=1))
+            else:
+                soff = rn[:, None] * stride_s + ((rg * 4) // GS)[None, :]
+                s = tl.load(s_ptr + soff, mask=mask, other=0).to(tl.float32)
+                if SYM:
+                    z = 8.0
+                else:
+                    z = tl.load(z_ptr + soff, mask=mask, other=0).to(tl.float32)
+                v0 = (((cb & 15).to(tl.float32) - z) * s).to(x_ptr.dtype.element_ty).to(tl.float32)
+                v1 = (((cb >> 4).to(tl.float32) - z) * s).to(x_ptr.dtype.element_ty).to(tl.float32)
+                acc += tl.sum(v0 * x0 + v1 * x1, axis=1)
+        else:
+            v0 = tl.load(d_ptr + rn[:, None] * stride_d + (2 * rg)[None, :], mask=mask, other=0).to(tl.float32)
+            v1 = tl.load(d_ptr + rn[:, None] * stride_d + (2 * rg + 1)[None, :], mask=mask, other=0).to(tl.float32)
+            acc += tl.sum(v0 * x0 + v1 * x1, axis=1)
     tl.atomic_add(out_ptr + m * N + rn, acc, mask=nmask)
 
 
