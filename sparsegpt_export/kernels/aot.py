@@ -42,8 +42,11 @@ def compile_kernel(kernel: str, quant: bool, sym: bool, dtype: str, arch: int, m
     fn = {"gemv": tk._gemv_kernel, "mm": tk._mm_kernel, "decode": tk._decode_kernel}[kernel]
     cfg = _launch_config(kernel, m)
     warps = cfg.pop("num_warps")
-    const = {"QUANT": quant, "SYM": sym, **cfg, **({"TILE_SCALE": quant and tile_scale} if kernel == "gemv" else {})}
+    gemv = {"TILE_SCALE": quant and tile_scale, "ATOMIC": tile_scale} if kernel == "gemv" else {}
+    const = {"QUANT": quant, "SYM": sym, **cfg, **gemv}
     sig = {**_signature(kernel, quant, dtype), **{k: "constexpr" for k in const}}
+    if gemv and not gemv["ATOMIC"]:
+        sig["out_ptr"] = f"*{dtype}"
     return triton.compile(ASTSource(fn, signature=sig, constexprs=const), target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": warps})
 
@@ -72,7 +75,7 @@ def registers(compiled, arch: int) -> str:
 
 def configurations(full: bool) -> list[tuple]:
     """(kernel, quant, sym, dtype) to compile; a gemv entry with a 5th item False: without TILE_SCALE (groups
-    that do not hold whole tiles)."""
+    that do not hold whole tiles) and without atomics (one K slice)."""
     if full:
         base = [(k, q, s, d) for k, q, s, d in itertools.product(("gemv", "mm", "decode"), (True, False),
                                                                  (True, False), ("fp16", "bf16")) if q or s]

@@ -61,16 +61,16 @@ def _launch_gemv(x, data, positions, scales, zeros, gs, quant, split_k=None, blo
 
     m, k = x.shape
     n, groups = positions.shape[0], k // 4
-    out = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     n_blocks = triton.cdiv(n, block_n)
     split = split_k or gemv_split(n_blocks, m, groups, block_g, x.device)
     per_split = triton.cdiv(triton.cdiv(groups, split), block_g) * block_g
     split = triton.cdiv(groups, per_split)
+    out = torch.zeros(m, n, device=x.device, dtype=torch.float32) if split > 1 else x.new_empty(m, n)
     s = scales if quant else data
     tk._gemv_kernel[(n_blocks, split, m)](
         x, data, positions, s, zeros if zeros is not None else s, out, n, groups, gs, per_split, x.stride(0),
         data.stride(0), positions.stride(0), s.stride(0), QUANT=quant, SYM=zeros is None, BLOCK_N=block_n,
-        BLOCK_G=block_g, TILE_SCALE=quant and gs % (4 * block_g) == 0, num_warps=GEMV["num_warps"])
+        BLOCK_G=block_g, TILE_SCALE=quant and gs % (4 * block_g) == 0, ATOMIC=split > 1, num_warps=GEMV["num_warps"])
     return out.to(x.dtype)
 
 

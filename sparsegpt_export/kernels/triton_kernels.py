@@ -6,8 +6,8 @@ float32:
 
 - `_gemv_kernel` (decode, small M): works in the group domain. A program takes ``BLOCK_N`` rows and a slice of
   the input groups (split-K), reads each group's byte of codes and its nibble of positions once, gathers the two
-  matching inputs of ``x`` and adds its partial sums into a float32 output with atomics; grid (N blocks, split-K,
-  M). When a tile of ``4 * BLOCK_G`` inputs lies inside one quantization group (``TILE_SCALE``: the group size a
+  matching inputs of ``x`` and adds its partial sums into a float32 output with atomics (split-K > 1), or stores
+  its result directly (one slice: a single kernel); grid (N blocks, split-K, M). When a tile of ``4 * BLOCK_G`` inputs lies inside one quantization group (``TILE_SCALE``: the group size a
   multiple of it, e.g. 128 with ``BLOCK_G = 32``), the scale and zero are read once per row and applied to the
   tile's code sums (the weights are then not rounded to the input dtype first: a float32 difference).
 - `_mm_kernel` (tiled, larger M): rebuilds a dense ``[BLOCK_N, BLOCK_K]`` tile of ``W`` per step and multiplies
@@ -29,7 +29,7 @@ import triton.language as tl
 @triton.jit
 def _gemv_kernel(x_ptr, d_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, G, GS, G_PER_SPLIT, stride_xm, stride_d, stride_p,
                  stride_s, QUANT: tl.constexpr, SYM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                 TILE_SCALE: tl.constexpr):
+                 TILE_SCALE: tl.constexpr, ATOMIC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -72,7 +72,10 @@ def _gemv_kernel(x_ptr, d_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, G, GS, G_PER_SPL
             v0 = tl.load(d_ptr + rn[:, None] * stride_d + (2 * rg)[None, :], mask=mask, other=0).to(tl.float32)
             v1 = tl.load(d_ptr + rn[:, None] * stride_d + (2 * rg + 1)[None, :], mask=mask, other=0).to(tl.float32)
             acc += tl.sum(v0 * x0 + v1 * x1, axis=1)
-    tl.atomic_add(out_ptr + m * N + rn, acc, mask=nmask)
+    if ATOMIC:  # split-K: float32 partial sums into a zeroed output
+        tl.atomic_add(out_ptr + m * N + rn, acc, mask=nmask)
+    else:  # one slice: the result, in the output's dtype
+        tl.store(out_ptr + m * N + rn, acc.to(out_ptr.dtype.element_ty), mask=nmask)
 
 
 @triton.jit
