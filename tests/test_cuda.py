@@ -63,6 +63,7 @@ def test_generate_eager_and_compiled(exports, bits, batch, mode):
         kw["cache_implementation"] = "static"
     out = model.generate(ids, **kw)
     assert out.shape == (batch, 16)
+    assert hasattr(model, "_compiled_call") == (mode == "compiled")  # transformers compiled the decode step
     # greedy tokens agree with the dense decode of the same file on most rows (fp16 sums differ in order)
     want = reference.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     assert (out[:, 8:] == want[:, 8:]).all(dim=1).float().mean() >= 0.75
