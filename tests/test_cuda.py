@@ -64,6 +64,9 @@ def test_generate_eager_and_compiled(exports, bits, batch, mode):
     out = model.generate(ids, **kw)
     assert out.shape == (batch, 16)
     assert hasattr(model, "_compiled_call") == (mode == "compiled")  # transformers compiled the decode step
-    # greedy tokens agree with the dense decode of the same file on most rows (fp16 sums differ in order)
-    want = reference.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert (out[:, 8:] == want[:, 8:]).all(dim=1).float().mean() >= 0.75
+    # every generated token is (within fp16 noise) the greedy choice of the dense decode of the same file, fed
+    # the same sequence (teacher forcing: near-ties may pick either token, then the sequences differ)
+    with torch.no_grad():
+        logits = reference(out).logits.float()[:, 7:-1]
+    chosen = logits.gather(-1, out[:, 8:, None]).squeeze(-1)
+    assert bool((chosen >= logits.max(-1).values - 5e-2).all())
