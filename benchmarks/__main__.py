@@ -1,5 +1,6 @@
 """``python -m benchmarks run --suite {gemm,e2e,compress,all} [--device cuda|cpu] [--quick] [--out DIR]
-[--peer-python PYTHON | --install-peer]``
+[--peer-python PYTHON | --install-peer]``; ``python -m benchmarks gpu-check [--budget 480] [--quick]
+[--device cuda|cpu] [--out DIR]`` (see `benchmarks.gpu_check`).
 
 Each suite writes ``<out>/<device-name>/<suite>.json``, a Markdown table (``.md``) and, with matplotlib, a
 PNG plot; the tables are printed last, with the ceilings (2x for 2:4 math; bytes per weight for decode).
@@ -37,11 +38,24 @@ def main(argv=None) -> int:
     run.add_argument("--install-peer", action="store_true",
                      help="compress suite: create ~/.cache/sparsegpt-export/llmcompressor-venv (torch and "
                           "llmcompressor from the package index) when no peer Python is found")
+    gpu = sub.add_parser("gpu-check", help="the CUDA tests, the gemm rows that matter and e2e inside a time budget")
+    gpu.add_argument("--budget", type=float, default=480, help="seconds for the whole check (default 480)")
+    gpu.add_argument("--quick", action="store_true", help="tiny shapes and model; on a CPU: a harness check")
+    gpu.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    gpu.add_argument("--out", default=str(RESULTS), help="results folder (a subfolder per device)")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("python -m benchmarks: error: --device cuda, but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.cmd == "gpu-check":
+        if not args.quick and not device.startswith("cuda"):
+            print("python -m benchmarks gpu-check: error: no CUDA device; use --quick for the CPU harness check",
+                  file=sys.stderr)
+            return 2
+        from . import gpu_check
+
+        return gpu_check.main(device, args.quick, args.budget, Path(args.out))
     tables = []
     for name in (SUITES if args.suite == "all" else [args.suite]):
         fn, table, plot = SUITES[name]

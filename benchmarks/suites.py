@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import serving
 from .harness import environment, rel_error, timed, ratio
 
 NO_CUDA = "needs a CUDA GPU with 2:4 sparse tensor cores (Ampere or newer)"
@@ -70,22 +71,50 @@ def run_gemm(device: str, quick: bool) -> dict[str, Any]:
         shapes = {k: v for k, v in SHAPES.items() if k.startswith("8B")}
         tokens = [1, 16, 64]
     rows = []
+    bw = serving.copy_bandwidth(device) if cuda else None
     for dtype in dtypes:
         for name, (out_f, in_f) in shapes.items():
             w = prune_24(torch.randn(out_f, in_f, device=device, dtype=dtype) * 0.02)
+            w4 = serving.on_int4_grid(w) if cuda and dtype == torch.float16 else None
             for m in tokens:
                 x = torch.randn(m, in_f, device=device, dtype=dtype)
                 row: dict[str, Any] = {"shape": name, "out": out_f, "in": in_f, "tokens": m, "dtype": str(dtype)[6:]}
                 row["dense"] = timed(lambda: F.linear(x, w), device, warmup=3, repeat=5 if not cuda else 20)
                 if cuda:
+                    row["dense_graph"] = serving.graph_timed(lambda: F.linear(x, w), device)
                     for backend in ("cusparselt", "cutlass"):
                         row[backend] = _sparse_gemm(x, w, backend, device, row["dense"])
+                    if w4 is not None:
+                        row.update(_our_gemm(x, w4, device, row, bw))
                 else:
                     row["sparse"] = {"skipped": NO_CUDA}
                 rows.append(row)
                 print(_gemm_line(row), flush=True)
-            del w
-    return {"suite": "gemm", "env": environment(device), "quick": quick, "rows": rows, "ceilings": ceilings()}
+            del w, w4
+    res = {"suite": "gemm", "env": environment(device), "quick": quick, "rows": rows, "ceilings": ceilings()}
+    if bw:
+        res["copy_bandwidth_gb_s"] = bw
+    return res
+
+
+OURS = ("int4 2:4", "fp16 2:4", "int4 dense (tinygemm)")
+
+
+def _our_gemm(x: torch.Tensor, w4: torch.Tensor, device: str, row: dict, bw: float) -> dict[str, Any]:
+    """fp16 rows: our kernels and the tinygemm anchor on the same 2:4 weight put on the int4 g128 grid (timing does
+    not depend on the values), each eager and CUDA-graph replay, x dense against the dense row's same mode."""
+    out, cache, ref = {}, {}, F.linear(x, w4)
+    for variant in OURS:
+        try:
+            layer, info = serving.make_layer(variant, w4, cache, None)
+            cell = serving._cell(layer, x, ref, device, info, bw)
+        except Exception as e:  # noqa: BLE001 - a failing variant is a result
+            cell = {"skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        if "eager" in cell:
+            cell["x_dense_eager"] = row["dense"]["median_ms"] / cell["eager"]["median_ms"]
+            cell["x_dense_graph"] = row["dense_graph"]["median_ms"] / cell["graph"]["median_ms"]
+        out[variant] = cell
+    return out
 
 
 def _sparse_gemm(x: torch.Tensor, w: torch.Tensor, backend: str, device: str, dense: dict) -> dict[str, Any]:
@@ -131,6 +160,24 @@ def gemm_table(res: dict) -> list[str]:
             cells += [f"{v['median_ms']:.4f}", f"{v['speedup']:.2f}"] if "speedup" in v else (
                 ["skipped: " + v["skipped"]] + ([""] if cuda else []))
         lines.append("| " + " | ".join(cells) + " |")
+    ours = [r for r in res["rows"] if "int4 2:4" in r]
+    return lines + (_our_gemm_table(ours, res.get("copy_bandwidth_gb_s")) if ours else [])
+
+
+def _our_gemm_table(rows: list[dict], bw: float) -> list[str]:
+    lines = ["", f"Our kernels and the int4 dense anchor (float16 rows; ms eager / CUDA-graph replay; x = dense ms / "
+             f"ms in the same mode; GB/s = weight bytes / graph time, copy bandwidth {bw:.0f} GB/s)", "",
+             "| shape | M | dense eager / graph | " + " | ".join(f"{v} eager / graph | x dense (graph)" for v in OURS)
+             + " | int4 2:4 GB/s (% copy) |", "|---|---|---|" + "---|---|" * len(OURS) + "---|"]
+    for r in rows:
+        cells = [r["shape"], str(r["tokens"]), f"{r['dense']['median_ms']:.4f} / {r['dense_graph']['median_ms']:.4f}"]
+        for v in OURS:
+            c = r[v]
+            cells += ([f"{c['eager']['median_ms']:.4f} / {c['graph']['median_ms']:.4f}", f"{c['x_dense_graph']:.2f}"]
+                      if "graph" in c else [f"skipped: {c.get('skipped', '-')[:100]}", ""])
+        c = r["int4 2:4"]
+        cells.append(f"{c['graph_gb_s']:.0f} ({100 * c['graph_fraction_of_copy_bw']:.0f}%)" if "graph_gb_s" in c else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -173,7 +220,7 @@ E2E_MODELS = {  # Llama architecture, random weights
 
 def _random_pruned_export(cfg_kwargs: dict, work: Path, dtype: torch.dtype) -> tuple[Path, Path, int]:
     """A random Llama with every decoder linear pruned 2:4, saved as a compress output and exported as sparse24."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     from sparsegpt_export.config import SparseGPTConfig
     from sparsegpt_export.converters import sparse24
@@ -183,7 +230,7 @@ def _random_pruned_export(cfg_kwargs: dict, work: Path, dtype: torch.dtype) -> t
 
     torch.manual_seed(0)
     cfg = LlamaConfig(**cfg_kwargs, max_position_embeddings=4096)
-    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()  # built in dtype: no float32 copy
     records = {}
     path, blocks = find_blocks(model)
     with torch.no_grad():
@@ -205,8 +252,13 @@ def run_e2e(device: str, quick: bool) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     cuda = device.startswith("cuda")
+    if cuda and not quick:  # built on the GPU in fp16; dense, tinygemm, fp16 2:4, int4 2:4; eager and compiled
+        plan = {"prefill": [(1, 2048), (8, 512)], "decode": [1, 16, 64], "new_tokens": 128, "repeat": 3}
+        rows = serving.e2e_rows(device, {k: E2E_MODELS[k] for k in ("llama-1B", "llama-8B")}, plan, float("inf"))
+        return {"suite": "e2e", "env": environment(device), "quick": quick, "serving": True, "rows": rows,
+                "ceilings": ceilings()}
     dtype = torch.float16 if cuda else torch.float32
-    names = ["llama-1B", "llama-8B"] if cuda and not quick else (["llama-1B"] if cuda else ["tiny"])
+    names = ["llama-1B"] if cuda else ["tiny"]
     prefill = [(1, 2048), (8, 512)] if not quick else [(1, 128), (2, 64)]
     decode = [1, 16, 64] if not quick else [1, 4]
     new_tokens = 128 if not quick else 16
@@ -227,7 +279,7 @@ def run_e2e(device: str, quick: bool) -> dict[str, Any]:
                     r["weights_gib_on_device"] = (torch.cuda.memory_allocated() - base) / 2**30
                 if variant == "sparse24":
                     rep = model.sparsegpt_load_report
-                    r["layers_semi_structured"], r["layers_dense"] = rep["semi_structured"], rep["dense"]
+                    r["layers_on_kernels"], r["layers_dense"] = rep["kernels"], rep["dense"]
                 vocab = model.config.vocab_size
                 with torch.no_grad():
                     for bsz, seq in prefill:
@@ -254,6 +306,10 @@ def run_e2e(device: str, quick: bool) -> dict[str, Any]:
 
 
 def e2e_table(res: dict) -> list[str]:
+    if res.get("serving"):
+        from .gpu_check import e2e_table as serving_table
+
+        return serving_table({"env": res["env"], "e2e": res["rows"]})
     lines = [f"e2e on {res['env']['device_name']}: sparse24-loaded vs dense, same model "
              "(random weights pruned 2:4; kernel speed does not depend on the values)", "",
              "| model | measure | dense | sparse24 | x dense |", "|---|---|---|---|---|"]

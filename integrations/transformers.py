@@ -7,15 +7,15 @@
    (every tensor present with the shape and dtype its layer record implies, nothing extra, a known
    ``format_version``), and every recorded layer is replaced by a `PackedSparseLinear` whose buffers are
    exactly the stored tensors, so transformers reads the packed bytes straight into them;
-2. after loading, each layer is decoded once (the same code as `converters.sparse24.load_state_dict`, so the
-   weights are bit-identical to that path) into a plain ``nn.Linear``:
-   - on CUDA, 2:4 layers in float16/bfloat16 whose shapes the kernels take get a
-     ``torch.sparse.SparseSemiStructuredTensor`` weight (cuSPARSELt, or CUTLASS when cuSPARSELt is missing or
-     ``SparseSemiStructuredTensor._FORCE_CUTLASS`` is set; a layer stored in the CUTLASS layout is then built
-     from its stored values and metadata without recompressing). int4 codes are dequantized to the model's
-     dtype first;
-   - everywhere else (CPU, other patterns, shapes the kernels refuse) the weight is dense.
-   ``model.sparsegpt_load_report`` lists what each layer got, and why a layer fell back to dense.
+2. after loading, each layer becomes a `sparsegpt_export.kernels.Sparse24Linear` (`kernels.plan.build_layer`):
+   - on CUDA (sm80+, with triton), 2:4 layers, int4 or float16/bfloat16, keep their packed tensors on the device
+     (a CUTLASS-layout file is repacked once) and run on the package's Triton kernels through a per-M dispatch
+     table measured once per distinct layer shape against dense;
+   - everywhere else (CPU, no triton, older GPUs, other patterns, shapes the kernels do not take) the layer is
+     decoded once (the same code as `converters.sparse24.load_state_dict`, so the weights are bit-identical to
+     that path) into a dense weight.
+   ``model.sparsegpt_load_report`` lists what each layer got (kernel kind and dispatch, or dense) and why. The
+   quantizer is compileable: ``generate(..., cache_implementation="static")`` compiles the decode step.
 """
 from __future__ import annotations
 
@@ -146,53 +146,31 @@ def check_checkpoint(files: list[str], config: SparseGPTQuantizationConfig) -> N
             raise ValueError(f"{where}: unexpected tensors {extra[:3]} (not used by layer {name}'s recorded pattern)")
 
 
-def _semi_structured(w: torch.Tensor, record: dict, stored: dict[str, torch.Tensor]) -> tuple[Optional[torch.Tensor], str]:
-    """A ``SparseSemiStructuredTensor`` for ``w`` on CUDA, or ``None`` and the reason it stays dense."""
-    if w.device.type != "cuda":
-        return None, "not on a CUDA device"
-    if record["pattern"] != "2:4":
-        return None, f"pattern {record['pattern']} (the kernels take 2:4 only)"
-    if w.dtype not in (torch.float16, torch.bfloat16):
-        return None, f"dtype {dtype_name(w.dtype)} (the kernels take float16/bfloat16)"
-    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
-    from torch.sparse.semi_structured import SparseSemiStructuredTensorCUTLASS
+def _load_layer(model: nn.Module, name: str, mod: PackedSparseLinear, dtype: torch.dtype, folder: Any,
+                cache: dict) -> dict:
+    """Replace the placeholder ``name`` by its `Sparse24Linear` (kernels, or dense and why); its report row."""
+    from sparsegpt_export.kernels import build_layer
 
-    try:
-        cutlass = SparseSemiStructuredTensor._FORCE_CUTLASS or not torch.backends.cusparselt.is_available()
-        if cutlass and record.get("layout") == "cutlass" and stored["values"].dtype == w.dtype:
-            # the stored CUTLASS layout is the kernel's own: a copy, no recompression
-            return SparseSemiStructuredTensorCUTLASS(
-                w.shape, packed=stored["values"].to(w.device), meta=stored["meta"].to(w.device), packed_t=None,
-                meta_t=None, compressed_swizzled_bitmask=None), "semi-structured (cutlass, stored layout)"
-        t = to_sparse_semi_structured(w)
-        return t, f"semi-structured ({'cutlass' if cutlass else 'cusparselt'})"
-    except (RuntimeError, ValueError) as e:  # shapes the kernels refuse
-        return None, f"{str(e).splitlines()[0][:160]}"
-
-
-def _decode_into_linear(model: nn.Module, name: str, mod: PackedSparseLinear, dtype: torch.dtype,
-                        folder: Any) -> dict:
     stored = {sfx: getattr(mod, sfx) for sfx in sparse24.layer_tensor_specs(mod.record, mod.value_dtype)}
     device = next(iter(stored.values())).device
-    stored = {k: v.cpu() for k, v in stored.items()}  # decoded on the CPU (numpy bit unpacking)
 
-    def take(sfx: str) -> torch.Tensor:
-        return sparse24.checked_tensor(stored[sfx], name, sfx, mod.record, mod.value_dtype, folder)
+    def decode() -> torch.Tensor:  # on the CPU (numpy bit unpacking), the same rounding path as load_state_dict
+        cpu = {k: v.cpu() for k, v in stored.items()}
 
-    w = sparse24.decode_layer(name, {**mod.record, "transposed": False}, take, folder)
-    w = w.to(mod.value_dtype).to(dtype).to(device)  # the same rounding path as load_state_dict
-    lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta", dtype=dtype)
-    sparse, how = _semi_structured(w, mod.record, stored)
-    lin.weight = nn.Parameter(sparse if sparse is not None else w, requires_grad=False)
-    if mod.bias is not None:
-        lin.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
+        def take(sfx: str) -> torch.Tensor:
+            return sparse24.checked_tensor(cpu[sfx], name, sfx, mod.record, mod.value_dtype, folder)
+
+        w = sparse24.decode_layer(name, {**mod.record, "transposed": False}, take, folder)
+        return w.to(mod.value_dtype).to(dtype)
+
+    try:
+        layer, info = build_layer(mod.record, stored, decode, dtype, device, mod.bias, cache)
+    except ValueError as e:
+        msg = str(e)
+        raise ValueError(msg if name in msg else f"layer {name}: {msg}") from None
     parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, lin)
-    kernel = how if sparse is not None else "dense"
-    row = {"layer": name, "pattern": mod.record["pattern"], "bits": mod.record["bits"], "kernel": kernel}
-    if sparse is None:
-        row["reason"] = how
-    return row
+    setattr(model.get_submodule(parent) if parent else model, child, layer)
+    return {"layer": name, **info}
 
 
 class SparseGPTHfQuantizer(HfQuantizer):
@@ -235,14 +213,21 @@ class SparseGPTHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        rows = [_decode_into_linear(model, name, mod, dtype, self._folder)
+        cache: dict = {}  # one dispatch measurement per distinct layer shape
+        rows = [_load_layer(model, name, mod, dtype, self._folder, cache)
                 for name, mod in list(model.named_modules()) if isinstance(mod, PackedSparseLinear)]
-        sparse = sum(r["kernel"] != "dense" for r in rows)
-        model.sparsegpt_load_report = {"layers": rows, "semi_structured": sparse, "dense": len(rows) - sparse}
-        fallbacks = sorted({r["reason"] for r in rows if "reason" in r})
-        logger.info("sparsegpt: %d of %d compressed layers on semi-structured kernels, %d dense (%s)",
-                    sparse, len(rows), len(rows) - sparse, "; ".join(fallbacks) or "-")
+        on_kernels = sum(r["kernel"] != "dense" for r in rows)
+        model.sparsegpt_load_report = {"layers": rows, "kernels": on_kernels, "dense": len(rows) - on_kernels}
+        fallbacks = sorted({r["reason"] for r in rows if r["kernel"] == "dense"})
+        logger.info("sparsegpt: %d of %d compressed layers on the 2:4 kernels, %d dense (%s)",
+                    on_kernels, len(rows), len(rows) - on_kernels, "; ".join(fallbacks) or "-")
         return model
+
+    @property
+    def is_compileable(self) -> bool:
+        """The kernels are custom ops with fake implementations: ``generate(..., cache_implementation="static")``
+        compiles the decode step and captures it in CUDA graphs."""
+        return True
 
     def is_serializable(self) -> bool:
         return False

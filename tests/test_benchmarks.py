@@ -28,7 +28,7 @@ def test_quick_run_writes_measured_results(tmp_path, capsys):
         assert _positive(t["median_ms"]) and t["min_ms"] <= t["median_ms"] <= t["max_ms"]
         assert "CUDA" in r["sparse"]["skipped"]  # never a made-up GPU figure
     (e2e,) = res["e2e"]["rows"]
-    assert e2e["sparse24"]["layers_dense"] == 14 and e2e["sparse24"]["layers_semi_structured"] == 0
+    assert e2e["sparse24"]["layers_dense"] == 14 and e2e["sparse24"]["layers_on_kernels"] == 0
     for k, v in e2e["speedup"].items():
         assert _positive(v), k
         assert _positive(e2e["dense"][k]["median_ms"]) and _positive(e2e["sparse24"][k]["median_ms"])
@@ -73,3 +73,42 @@ def test_compress_suite_reports_a_failing_peer():
     assert len(peer) == 3 and all("llmcompressor failed: ModuleNotFoundError" in r["skipped"] for r in peer)
     assert all(_positive(r["wall_s"]) for r in peer)
     assert "skipped: llmcompressor failed" in "\n".join(suites.compress_table(res))
+
+
+def test_gpu_check_quick_on_cpu(tmp_path, capsys):
+    """``python -m benchmarks gpu-check --quick`` on CPU: the tests step, gemm and e2e rows, the files and raw logs;
+    every packed layer checked against dense before it is timed, nothing made up for the GPU-only rows."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: gpu-check --quick would run on it")
+    assert main(["gpu-check", "--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    folder = tmp_path / device_name("cpu")
+    res = json.loads((folder / "gpu_check.json").read_text())
+    check_measured(res)
+    assert (folder / "gpu_check.md").read_text().startswith("gpu-check on")
+    assert "tests/test_cuda.py" in (folder / "gpu_check_tests.log").read_text()
+    assert "== e2e" in (folder / "gpu_check.log").read_text()
+    assert res["tests"]["rc"] == 0 and "skipped" in res["tests"]["summary"]
+    for r in res["gemm"]["rows"]:
+        for v in ("fp16 2:4", "int4 2:4", "int4 dense (tinygemm)"):  # each checked against dense, then timed
+            assert r[v]["rel_error"] < 2e-2 and _positive(r[v]["eager"]["median_ms"]), (v, r[v])
+        assert r["int4 2:4"]["kernel"] == "int4_24" and r["fp16 2:4"]["kernel"] == "fp16_24"
+        assert "graph" not in r["dense"]  # no CUDA graph on a CPU
+    (row,) = res["e2e"]
+    for v in ("int4 2:4", "fp16 2:4", "dense", "int4 dense (tinygemm)"):
+        assert _positive(row[v]["decode_b1_eager"]["tokens_per_s"]) and _positive(row[v]["prefill_1x64"]["median_ms"])
+        assert "needs CUDA" in row[v]["decode_b1_compiled"]["skipped"]
+    # int4 2:4 linears hold less than a third of the fp16 bytes (codes + positions + scales)
+    assert row["int4 2:4"]["linear_weights_gib"] < 0.33 * row["dense"]["linear_weights_gib"]
+    assert printed.rstrip().endswith("raw logs)") and "| int4 2:4 |" in printed
+
+
+def test_gpu_check_needs_a_gpu_without_quick(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["gpu-check"]) == 2
+    assert "--quick" in capsys.readouterr().err

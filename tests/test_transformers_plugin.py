@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 import sparsegpt_export  # noqa: F401  (registers quant_method "sparsegpt")
 from conftest import compress_tiny, save_tiny
 from sparsegpt_export.converters import dense, sparse24
+from sparsegpt_export.kernels import Sparse24Linear
 
 CASES = {
     "2:4-int4": ("--pattern", "2:4", "--bits", "4"),
@@ -39,15 +40,16 @@ def test_from_pretrained_equals_the_compressed_model(saved_tiny, tmp_path, case)
         assert f"{LAYER}.meta" in load_file(str(s24 / sparse24.WEIGHTS_FILE))
 
     model = AutoModelForCausalLM.from_pretrained(str(s24))
-    assert model.dtype == torch.float16 and isinstance(model.get_submodule(LAYER), torch.nn.Linear)
+    layer = model.get_submodule(LAYER)
+    assert model.dtype == torch.float16 and isinstance(layer, Sparse24Linear) and layer.kind == "dense"
     # decoded once at load: bit-identical to the compress output cast to float16
     ref = load_file(str(comp / "model.safetensors"))
     state = model.state_dict()
     for k, v in ref.items():
         assert torch.equal(state[k], v.to(torch.float16)), k
     report = model.sparsegpt_load_report
-    assert len(report["layers"]) == 14 and report["dense"] == 14  # CPU: dense, with the reason
-    assert all(r["reason"] == "not on a CUDA device" for r in report["layers"])
+    assert len(report["layers"]) == 14 and report["dense"] == 14 and report["kernels"] == 0  # CPU: dense, and why
+    assert all(r["kernel"] == "dense" and r["reason"] == "not on a CUDA device" for r in report["layers"])
 
     reference = AutoModelForCausalLM.from_pretrained(str(comp), dtype=torch.float16).eval()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -64,7 +66,7 @@ def test_pipeline_and_gpt2_conv1d(tmp_path):
     dn = dense.export(comp, tmp_path / "dense", dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(str(s24))
     plain = AutoModelForCausalLM.from_pretrained(str(dn))
-    assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Linear"  # Conv1D decoded as [out, in]
+    assert type(model.transformer.h[0].mlp.c_fc).__name__ == "Sparse24Linear"  # Conv1D decoded as [out, in]
     torch.testing.assert_close(model.transformer.h[0].mlp.c_fc.weight, plain.transformer.h[0].mlp.c_fc.weight.t(),
                                rtol=0, atol=0)
     kw = dict(max_new_tokens=6, do_sample=False)
@@ -123,3 +125,16 @@ def test_bad_checkpoints_fail_before_anything_loads(s24):
     f.write_bytes(good)
     (s24 / "config.json").write_text(cfg)
     assert AutoModelForCausalLM.from_pretrained(str(s24)) is not None
+
+
+def test_static_cache_generate_and_compileable(s24):
+    """The recipe of the README (``cache_implementation="static"``; compiled on a GPU) runs, eager here, and gives
+    the same tokens as the dynamic cache."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(s24))
+    assert model.hf_quantizer.is_compileable
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static, model.generate(ids, **kw)) and static.shape == (2, 14)
