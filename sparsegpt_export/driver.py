@@ -20,7 +20,7 @@ import os
 import re
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from . import distributed as distmod
-from . import hostmem
+from . import families, hostmem, moe
 from . import smoothing
 from .config import ConfigError, SparseGPTConfig, parse_pattern
+from .families import UnsupportedModelError
 from .quant import QuantSpec
 from .solver import HessianAccumulator, SolveResult, SolverError, admm_prune, layer_error, quad_form, sparsegpt_solve
 
@@ -39,10 +40,6 @@ logger = logging.getLogger(__name__)
 
 # Testing aid: the process exits at once (no cleanup, as if killed) right after the checkpoint of this block.
 CRASH_ENV = "SPARSEGPT_EXPORT_CRASH_AFTER_BLOCK"
-
-
-class UnsupportedModelError(ValueError):
-    """The model's architecture has no stack of decoder blocks this driver can find."""
 
 
 class _StopForward(Exception):
@@ -148,6 +145,7 @@ class CompressionResult:
     records: dict[str, LayerRecord]
     report: dict[str, Any]
     config: SparseGPTConfig
+    expert_records: dict[str, LayerRecord] = field(default_factory=dict)  # fused 3-D experts: <param>.<expert>
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -295,7 +293,9 @@ def compress_model(
 def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume, model_name, sensitivity_cache, store,
               max_memory) -> CompressionResult:
     t_start = time.perf_counter()
+    families.check_supported(model)
     path, blocks = find_blocks(model)
+    families.check_blocks(model, blocks)
     n, m = config.nm
     model_dtype = next(model.parameters()).dtype
     scale_dtype = resolve_scale_dtype(config, model_dtype)
@@ -535,6 +535,9 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             got.append(_share_result(d, r, ln, mod, records, rows))
         rows[:] = [x for x in rows if x.get("layer") not in names] + got
 
+    experts = moe.ExpertsContext(solve=solve, selected=lambda n: _selected(n, config), records=records, expert_records={},
+                                 rows=rows, log=[], params={}, hdtype=hdtype,
+                                 reduce=None if d is None else (lambda H, n: distmod.all_reduce_hessian(d, H, n)))
     smoothed: list[dict] = []
     bar = _Progress(progress, len(blocks), "SparseGPT")
     shared_rel: Optional[list[list[str]]] = None  # one-pass schedule: layers that share an input, by block-relative name
@@ -580,6 +583,8 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
                         o = _first_hidden(block(hs, **kw))
                         outs.append(o.cpu() if spill else o)
             prof["block_forward_s"] += time.perf_counter() - t_block - hooks_time[0]
+            if moe.compress_block_experts(block, f"{path}.{bi}", _OnDevice(chunks, device) if spill else chunks, experts):
+                outs = moe.block_outputs(block, _OnDevice(chunks, device) if spill else chunks, to_cpu=spill)
             chunks = [(o, kw) for o, (_, kw) in zip(outs, chunks)]
             if store is None:
                 block.to(orig_device)
@@ -634,6 +639,8 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
         "profile": {k: round(v, 3) for k, v in prof.items()},
         "warnings": [r["warning"] for r in rows if "warning" in r] + plan["notes"],
     }
+    if experts.log or experts.params:
+        report["moe"] = moe.report(experts)
     if config.smooth_alpha or smoothed:
         report["smoothing"] = {"alpha": config.smooth_alpha, "windows": smoothing.WINDOWS, "blocks": smoothed}
         if config.quantize_lm_head:
@@ -644,7 +651,7 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
         done = [r for r in rows if "admm_rel_error" in r]
         report["summary"]["admm_error_reduction_mean"] = (
             sum(r["admm_error_reduction"] for r in done) / len(done)) if done else 0.0
-    return CompressionResult(records=records, report=report, config=config)
+    return CompressionResult(records=records, report=report, config=config, expert_records=experts.expert_records)
 
 
 def selected_layers(path: str, blocks: nn.ModuleList, config: SparseGPTConfig) -> dict[str, nn.Module]:

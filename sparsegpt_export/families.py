@@ -1,0 +1,85 @@
+"""Which model families sparsegpt-export compresses, and the one-line reason for those it refuses.
+
+Checked before any work: on the config (``check_config``, before the weights are read) and on the built model
+(``check_supported``: encoder-decoder, a refused model type, no linear layer or fused expert matrix in its blocks).
+Every refusal is an `UnsupportedModelError` whose message names the model type and the reason.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+from .moe import fused_experts
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no stack of decoder blocks this driver can compress; the message says why."""
+
+
+_SSM = ("its blocks are pure state-space layers (selective scan) with no attention or MLP; sparsegpt-export "
+        "compresses transformer decoder blocks (hybrids with attention layers are supported)")
+_RECURRENT = ("its blocks are pure recurrent layers with no attention or MLP; sparsegpt-export compresses transformer "
+              "decoder blocks")
+
+# model_type -> why it is refused (one line each)
+REFUSED: dict[str, str] = {
+    "mamba": _SSM,
+    "mamba2": _SSM,
+    "falcon_mamba": _SSM,
+    "rwkv": _RECURRENT,
+    "xlstm": _RECURRENT,
+}
+
+
+def model_type(config: Any) -> str:
+    return str(getattr(config, "model_type", "") or type(config).__name__)
+
+
+def refusal(config: Any) -> Optional[str]:
+    """The reason ``config``'s model is refused, or None."""
+    mt = model_type(config)
+    if mt in REFUSED:
+        return REFUSED[mt]
+    if getattr(config, "is_encoder_decoder", False):
+        return ("encoder-decoder model; sparsegpt-export compresses decoder-only causal LMs (Llama, Mistral, Qwen, "
+                "Gemma, Phi, OPT, GPT-2, GPT-NeoX, Falcon, Mixtral, ...)")
+    return None
+
+
+def check_config(config: Any) -> None:
+    why = refusal(config)
+    if why is not None:
+        raise UnsupportedModelError(f"model type {model_type(config)!r}: {why}")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse ``model`` (before any work) when its config is refused."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        check_config(cfg)
+
+
+def check_blocks(model: nn.Module, blocks: nn.ModuleList) -> None:
+    """Refuse a model whose blocks hold no linear layer and no fused expert matrix: nothing to compress."""
+    for block in blocks:
+        for mod in block.modules():
+            if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
+                return
+        if fused_experts(block):
+            return
+    cfg = getattr(model, "config", None)
+    raise UnsupportedModelError(f"model type {model_type(cfg) if cfg is not None else type(model).__name__!r}: its "
+                                "blocks hold no linear layer (nn.Linear) and no fused expert matrix to compress")
+
+
+def check_checkpoint(name_or_path: str) -> None:
+    """`check_config` on a checkpoint's config.json, before its weights are loaded (no-op when it cannot be read:
+    the loader then says why)."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError):
+        return
+    check_config(cfg)
