@@ -18,6 +18,7 @@ Each type runs in a worker process with a time limit; a crash or hang of one typ
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import select
@@ -26,7 +27,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -44,9 +45,23 @@ COMMON: dict[str, Any] = {
     "moe_intermediate_size": 64, "n_shared_experts": 1, "first_k_dense_replace": 1,
     "ffn_dim": 128, "d_ff": 128, "n_inner": 128,
     "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
+    "n_group": 1, "topk_group": 1, "num_layers": 2, "decoder_layers": 2, "encoder_layers": 2,
+    "decoder_ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_attention_heads": 4, "encoder_attention_heads": 4,
+    "shared_expert_intermediate_size": 64, "intermediate_size_mlp": 128,
 }
-# Per-family overrides on top of COMMON (model_type -> config kwargs).
-OVERRIDES: dict[str, dict[str, Any]] = {}
+DROP = object()  # an override that removes a COMMON key
+# Per-family overrides on top of COMMON (model_type -> config kwargs), and calls a family needs after building.
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "codegen": {"rotary_dim": 8},
+    "gptj": {"rotary_dim": 8},
+    "prophetnet": {"num_hidden_layers": DROP, "num_encoder_layers": 2, "num_decoder_layers": 2},
+    "xlnet": {"max_position_embeddings": DROP},
+    "reformer": {"is_decoder": True},
+}
+AFTER_BUILD: dict[str, Callable[[Any], None]] = {
+    "xmod": lambda m: m.set_default_language("en_XX"),
+}
+MAX_PARAMETERS = 4_000_000  # a "tiny" model above this has a config key COMMON missed: an override is due
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -56,13 +71,42 @@ def causal_lm_types() -> list[str]:
     return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def model_class(model_type: str) -> type:
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+
+
 def _settable(cfg: Any, key: str) -> bool:
-    return hasattr(cfg, key) or key in getattr(cfg, "attribute_map", {})
+    if isinstance(inspect.getattr_static(type(cfg), key, None), property):
+        return False  # derived (Falcon's head_dim, ...)
+    try:
+        return hasattr(cfg, key) or key in getattr(cfg, "attribute_map", {})
+    except Exception:  # noqa: BLE001  (per-layer attributes of some configs raise on access)
+        return False
 
 
-def _sized(cls: type, defaults: Any, extra: dict[str, Any]) -> dict[str, Any]:
-    """The kwargs of COMMON (and ``extra``) that ``defaults`` (an instance of ``cls``) has."""
+def _per_layer(defaults: Any) -> dict[str, list]:
+    """Lists with one entry per layer, cut to two layers: the first, and the first of another kind when
+    ``layer_types`` has several (a hybrid keeps one layer of each kind)."""
+    d = defaults.to_dict()
+    n = d.get("num_hidden_layers")
+    if not isinstance(n, int) or n <= 2:
+        return {}
+    kinds = d.get("layer_types")
+    pick = [0, 1]
+    if isinstance(kinds, list) and len(kinds) == n:
+        pick = [0, next((i for i, t in enumerate(kinds) if t != kinds[0]), 1)]
+    return {k: [v[i] for i in pick] for k, v in d.items() if isinstance(v, list) and len(v) == n}
+
+
+def _sized(defaults: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs of COMMON (and ``extra``) that ``defaults`` (a config instance) has."""
     kw = {k: v for k, v in COMMON.items() if _settable(defaults, k)}
+    if _settable(defaults, "qk_rope_head_dim"):  # multi-head latent attention derives head_dim itself
+        kw.pop("head_dim", None)
+    kw.update(_per_layer(defaults))
     kw.update(extra)
     for tok in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         v = getattr(defaults, tok, None)
@@ -70,30 +114,27 @@ def _sized(cls: type, defaults: Any, extra: dict[str, Any]) -> dict[str, Any]:
             kw[tok] = min(v, 2)
         elif isinstance(v, list) and any(isinstance(x, int) and x >= VOCAB for x in v):
             kw[tok] = [2]
-    return kw
+    return {k: v for k, v in kw.items() if v is not DROP}
 
 
 def tiny_config(model_type: str):
-    """A tiny config of ``model_type`` (sub-configs of a composite config sized the same way)."""
-    from transformers import CONFIG_MAPPING
-
-    cls = CONFIG_MAPPING[model_type]
+    """A tiny config of the causal LM class of ``model_type`` (sub-configs of a composite config sized too)."""
+    cls = model_class(model_type).config_class
     defaults = cls()
-    extra = dict(OVERRIDES.get(model_type, {}))
     subs = {}
     for key in ("text_config", "decoder", "language_config", "llm_config"):
         sub = getattr(defaults, key, None)
-        if sub is not None and hasattr(sub, "to_dict") and key not in extra:
-            subs[key] = {**sub.to_dict(), **_sized(type(sub), sub, {})}
-    return cls(**_sized(cls, defaults, extra), **subs)
+        if sub is not None and hasattr(sub, "to_dict") and key not in OVERRIDES.get(model_type, {}):
+            subs[key] = {**sub.to_dict(), **_sized(sub, {})}
+    return cls(**_sized(defaults, dict(OVERRIDES.get(model_type, {}))), **subs)
 
 
 def build(model_type: str, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     cfg = tiny_config(model_type)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = model_class(model_type)._from_config(cfg, dtype=torch.float32)
+    if model_type in AFTER_BUILD:
+        AFTER_BUILD[model_type](model)
     return model.eval()
 
 
@@ -107,13 +148,13 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits.float()
 
 
-def _check_matrices(model, records: dict, fused: dict) -> Optional[str]:
+def _check_matrices(model, records: dict, fused: dict, params: dict) -> Optional[str]:
     """None when every compressed matrix of the loaded ``model`` is 2:4 and on its 4-bit grid; else what is not."""
     from sparsegpt_export.driver import get_weight
     from sparsegpt_export.solver import expand_groups
 
     items = [(n, get_weight(model.get_submodule(n)).float(), r) for n, r in records.items()]
-    items += [(n, w, r) for n, (w, r) in _fused_matrices(model, fused).items()]
+    items += [(n, w, r) for n, (w, r) in _fused_matrices(model, fused, params).items()]
     for name, w, rec in items:
         if rec.pattern == "2:4" and not bool((w.reshape(w.shape[0], -1, 4).ne(0).sum(-1) <= 2).all()):
             return f"{name}: not 2:4 after the round trip"
@@ -126,13 +167,14 @@ def _check_matrices(model, records: dict, fused: dict) -> Optional[str]:
     return None
 
 
-def _fused_matrices(model, fused: dict) -> dict:
-    """Each fused expert matrix ``{param}[e]`` of ``model`` as [out, in], with its record."""
+def _fused_matrices(model, fused: dict, params: dict) -> dict:
+    """Each fused expert matrix ``<param>.<e>`` of ``model`` as [out, in] (``params``: report["moe"]["params"]),
+    with its record."""
     out = {}
     for name, rec in fused.items():
         param, _, e = name.rpartition(".")
         p = model.get_parameter(param)[int(e)]
-        out[name] = (p.t() if rec.shape != tuple(p.shape) else p).float(), rec
+        out[name] = (p.t() if params[param]["transposed"] else p).float(), rec
     return out
 
 
@@ -158,6 +200,10 @@ def run_family(model_type: str, work: Path) -> dict[str, Any]:
     try:
         model = build(model_type)
         row["class"] = type(model).__name__
+        row["parameters"] = sum(p.numel() for p in model.parameters())
+        if row["parameters"] > MAX_PARAMETERS:
+            return {**row, "status": "failed", "stage": "build",
+                    "error": f"the tiny config has {row['parameters']} parameters (> {MAX_PARAMETERS}): add an override"}
         found = count_matrices(model)
     except Exception as e:  # noqa: BLE001  (the sweep records any failure)
         return {**row, "status": "failed", "stage": "build", "error": _short(e)}
@@ -189,8 +235,6 @@ def _summary(report: dict) -> dict[str, Any]:
 
 
 def _round_trip(model, q, work: Path) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-
     from sparsegpt_export.converters import sparse24
 
     ids = calibration(seed=2)[:2]
@@ -198,10 +242,10 @@ def _round_trip(model, q, work: Path) -> dict[str, Any]:
     comp, s24 = work / "compressed", work / "sparse24"
     q.save(model, comp, overwrite=True)
     sparse24.export(comp, s24, dtype="float32", overwrite=True)
-    loaded = AutoModelForCausalLM.from_pretrained(str(s24)).eval()
+    loaded = type(model).from_pretrained(str(s24)).eval()
     got = _logits(loaded, ids)
     err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-    bad = _check_matrices(loaded, q.result.records, getattr(q.result, "expert_records", {}) or {})
+    bad = _check_matrices(loaded, q.result.records, q.result.expert_records, q.report.get("moe", {}).get("params", {}))
     status = "works" if err <= 1e-4 and bad is None else "failed"
     row = {"status": status, "logits_rel_max_diff": err}
     if bad is not None:
@@ -246,28 +290,40 @@ class _Worker:
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.coverage", "--worker"], cwd=str(ROOT),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, env=env, bufsize=1)
+                                     env=env)
+        self.buf = b""
+
+    def _line(self, deadline: float) -> Optional[bytes]:
+        """The worker's next output line; None at the deadline, b"" when it exited."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b""
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
 
     def ask(self, model_type: str, timeout: float) -> dict[str, Any]:
-        self.proc.stdin.write(model_type + "\n")
+        self.proc.stdin.write(model_type.encode() + b"\n")
         self.proc.stdin.flush()
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            line = self._line(deadline)
+            if line is None:
                 self.close()
                 return {"model_type": model_type, "status": "failed", "stage": "timeout",
                         "error": f"no result within {timeout:.0f} s (the worker was stopped)"}
-            ready, _, _ = select.select([self.proc.stdout], [], [], left)
-            if not ready:
-                continue
-            line = self.proc.stdout.readline()
             if not line:
                 code = self.proc.wait()
                 return {"model_type": model_type, "status": "failed", "stage": "crash",
                         "error": f"the worker process died (exit code {code})"}
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
+            text = line.decode(errors="replace")
+            if text.startswith(MARK):
+                return json.loads(text[len(MARK):])
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -289,7 +345,7 @@ def sweep(types: list[str], timeout: float, log=print) -> list[dict[str, Any]]:
             row = w.ask(mt, timeout)
             row.setdefault("wall_s", round(time.monotonic() - t0, 2))
             rows.append(row)
-            log(f"[{i + 1}/{len(types)}] {mt}: {row['status']} "
+            log(f"[{i + 1}/{len(types)}] {mt} ({row['wall_s']:.0f} s): {row['status']} "
                 f"{row.get('reason') or row.get('error') or _layers(row)}", flush=True)
     finally:
         if w is not None:

@@ -237,6 +237,8 @@ class SparseGPTHfQuantizer(HfQuantizer):
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         rows = [_decode_into_linear(model, name, mod, dtype, self._folder)
                 for name, mod in list(model.named_modules()) if isinstance(mod, PackedSparseLinear)]
+        rows += [{"layer": name, "kernel": "dense", "reason": why}  # fused 3-D experts: see sparse24.fused_expert_notes
+                 for name, why in (getattr(self.quantization_config, "dense_params", None) or {}).items()]
         sparse = sum(r["kernel"] != "dense" for r in rows)
         model.sparsegpt_load_report = {"layers": rows, "semi_structured": sparse, "dense": len(rows) - sparse}
         fallbacks = sorted({r["reason"] for r in rows if "reason" in r})

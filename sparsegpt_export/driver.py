@@ -203,8 +203,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.T
     captured: list[tuple[torch.Tensor, dict]] = []
 
     def hook(_mod, args, kwargs):
-        kwargs = dict(kwargs)
-        hs = args[0] if args else kwargs.pop("hidden_states")
+        hs, kwargs = families.block_inputs(blocks[0], args, kwargs)
         captured.append((hs, {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "cache", "layer_past")}))
         raise _StopForward
 
@@ -563,7 +562,8 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
                 smoothed.append({"block": bi, "max_abs_log2_factor": factors})
                 prof["smooth_s"] = prof.get("smooth_s", 0.0) + time.perf_counter() - t
             lins = {f"{path}.{bi}.{k}": v for k, v in block_linears(block).items()}
-            todo = {k: v for k, v in lins.items() if _selected(k, config)}
+            todo = moe.without_routers(block, f"{path}.{bi}", {k: v for k, v in lins.items() if _selected(k, config)},
+                                       experts)  # MoE routers stay dense
             t_block = time.perf_counter()
             hooks_time = [0.0]
             if len(chunks) == 1 and d is None and not spill:
@@ -639,7 +639,7 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
         "profile": {k: round(v, 3) for k, v in prof.items()},
         "warnings": [r["warning"] for r in rows if "warning" in r] + plan["notes"],
     }
-    if experts.log or experts.params:
+    if experts.log or experts.params or experts.routers:
         report["moe"] = moe.report(experts)
     if config.smooth_alpha or smoothed:
         report["smoothing"] = {"alpha": config.smooth_alpha, "windows": smoothing.WINDOWS, "blocks": smoothed}
@@ -756,7 +756,12 @@ def shared_input_groups(block: nn.Module, chunk, todo: dict[str, nn.Module]) -> 
 
     try:
         with torch.no_grad():
-            block(hs[:1], **{k: cut(v) for k, v in kw.items()})
+            try:
+                block(hs[:1], **{k: cut(v) for k, v in kw.items()})
+            except RuntimeError:  # keyword tensors that do not lead with the batch (ALiBi: batch x heads): all of it
+                seen.clear()
+                alive.clear()
+                block(hs, **kw)
     finally:
         for h in handles:
             h.remove()

@@ -6,6 +6,7 @@ Every refusal is an `UnsupportedModelError` whose message names the model type a
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 from torch import nn
@@ -47,17 +48,19 @@ def refusal(config: Any) -> Optional[str]:
     return None
 
 
-def check_config(config: Any) -> None:
+def check_config(config: Any, class_name: Optional[str] = None) -> None:
+    """An `UnsupportedModelError` naming the model type (and class) and why, when ``config`` is refused."""
     why = refusal(config)
     if why is not None:
-        raise UnsupportedModelError(f"model type {model_type(config)!r}: {why}")
+        cls = class_name or next(iter(getattr(config, "architectures", None) or []), None)
+        raise UnsupportedModelError(f"model type {model_type(config)!r}{f' ({cls})' if cls else ''}: {why}")
 
 
 def check_supported(model: nn.Module) -> None:
     """Refuse ``model`` (before any work) when its config is refused."""
     cfg = getattr(model, "config", None)
     if cfg is not None:
-        check_config(cfg)
+        check_config(cfg, type(model).__name__)
 
 
 def check_blocks(model: nn.Module, blocks: nn.ModuleList) -> None:
@@ -69,8 +72,9 @@ def check_blocks(model: nn.Module, blocks: nn.ModuleList) -> None:
         if fused_experts(block):
             return
     cfg = getattr(model, "config", None)
-    raise UnsupportedModelError(f"model type {model_type(cfg) if cfg is not None else type(model).__name__!r}: its "
-                                "blocks hold no linear layer (nn.Linear) and no fused expert matrix to compress")
+    mt = f"model type {model_type(cfg)!r} ({type(model).__name__})" if cfg is not None else type(model).__name__
+    raise UnsupportedModelError(f"{mt}: its blocks hold no linear layer (nn.Linear) and no fused expert matrix to "
+                                "compress")
 
 
 def check_checkpoint(name_or_path: str) -> None:
@@ -83,3 +87,26 @@ def check_checkpoint(name_or_path: str) -> None:
     except (OSError, ValueError, KeyError):
         return
     check_config(cfg)
+
+
+def block_inputs(block: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict]:
+    """A block call as (hidden states, keyword arguments): positional arguments after the hidden states (CPM-Ant's
+    attention mask, ...) become keywords by the block's forward signature, so the block can be called again."""
+    kwargs = dict(kwargs)
+    try:
+        sig = inspect.signature(block.forward)
+        bound = sig.bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return (args[0] if args else kwargs.pop("hidden_states")), kwargs
+    params = sig.parameters
+    if not args or any(params[n].kind == inspect.Parameter.VAR_POSITIONAL for n in bound.arguments):
+        return (args[0] if args else kwargs.pop("hidden_states")), kwargs
+    named = dict(bound.arguments)
+    hs = named.pop(next(iter(params)))
+    out: dict = {}
+    for name, value in named.items():
+        if params[name].kind == inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return hs, out

@@ -85,10 +85,27 @@ def save_compressed(model: Any, tokenizer: Any, result: CompressionResult, out: 
     with atomic_dir(out, overwrite) as tmp:
         strip_quantization_config(model.config)
         model.save_pretrained(tmp)
+        if not _has_layers(tmp, result):
+            # transformers renamed (or merged) some compressed layers on save, back to the family's original checkpoint
+            # layout: keep the module names, which the records and every converter use (from_pretrained reads both)
+            for f in tmp.glob("model*.safetensors*"):
+                f.unlink()
+            model.save_pretrained(tmp, save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _write_side_files(tmp, result)
     return Path(out)
+
+
+def _has_layers(folder: Path, result: CompressionResult) -> bool:
+    """Whether the checkpoint in ``folder`` holds every compressed layer's weight under its module name."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in folder.glob("model*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            keys.update(sf.keys())
+    return all(f"{name}.weight" in keys for name in result.records)
 
 
 def save_streamed(model: Any, tokenizer: Any, result: CompressionResult, out: str | os.PathLike, store: Any,
@@ -132,12 +149,10 @@ def save_streamed(model: Any, tokenizer: Any, result: CompressionResult, out: st
     return Path(out)
 
 
-def _write_side_files(tmp: Path, result: CompressionResult) -> None:
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
+def _record_entries(records: dict[str, LayerRecord], tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The JSON entries of ``records``; their scales and zero points are added to ``tensors``."""
     layers: dict[str, dict] = {}
-    for name, rec in result.records.items():
+    for name, rec in records.items():
         layers[name] = {
             "shape": list(rec.shape), "pattern": rec.pattern, "sparsity": rec.sparsity, "bits": rec.bits,
             "group_size": rec.group_size, "sym": rec.sym,
@@ -146,14 +161,25 @@ def _write_side_files(tmp: Path, result: CompressionResult) -> None:
             tensors[f"{name}.scales"] = rec.scales.contiguous()
         if rec.zeros is not None:
             tensors[f"{name}.zeros"] = rec.zeros.contiguous()
+    return layers
+
+
+def _write_side_files(tmp: Path, result: CompressionResult) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers = _record_entries(result.records, tensors)
     meta = {"format": "sparsegpt-compressed", "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
+    if result.expert_records:  # fused 3-D experts, one record per expert matrix <param>.<expert> (see moe.py)
+        meta["experts"] = json.dumps(_record_entries(result.expert_records, tensors))
     save_file(tensors, str(tmp / QUANT_FILE), metadata=meta)
     result.config.to_json_file(tmp / CONFIG_FILE)
     (tmp / REPORT_FILE).write_text(json.dumps(result.report, indent=2) + "\n")
 
 
-def load_records(folder: str | os.PathLike) -> dict[str, LayerRecord]:
-    """The layer records of a ``compress`` output (scales and zero points included)."""
+def load_records(folder: str | os.PathLike, key: str = "layers") -> dict[str, LayerRecord]:
+    """The layer records of a ``compress`` output (scales and zero points included); ``key="experts"``: the records
+    of the fused expert matrices (``<param>.<expert>``), which are not linear layers."""
     from safetensors import safe_open
 
     f = Path(folder) / QUANT_FILE
@@ -164,7 +190,7 @@ def load_records(folder: str | os.PathLike) -> dict[str, LayerRecord]:
         version = int(meta.get("format_version", "0"))
         if version > FORMAT_VERSION:
             raise ValueError(f"{f}: format_version {version} is newer than this package understands ({FORMAT_VERSION})")
-        layers = json.loads(meta.get("layers", "{}"))
+        layers = json.loads(meta.get(key, "{}"))
         keys = set(sf.keys())
         records = {}
         for name, d in layers.items():

@@ -62,6 +62,39 @@ def count_fused_matrices(block: nn.Module) -> int:
     return sum(p.shape[0] for m in fused_experts(block).values() for p in fused_params(m).values())
 
 
+def _num_experts(mod: nn.Module) -> Optional[int]:
+    """The number of experts of a MoE module (one with an ``experts`` child: fused, or a ModuleList), else None."""
+    experts = getattr(mod, "experts", None)
+    if isinstance(experts, nn.ModuleList):
+        return len(experts)
+    if isinstance(experts, nn.Module) and isinstance(getattr(experts, "num_experts", None), int):
+        return experts.num_experts
+    return None
+
+
+def routers(block: nn.Module) -> list[str]:
+    """The linear layers of ``block`` that route tokens: outside the experts, in a MoE module, with one output per
+    expert (or a single output named ``*gate*``: a shared expert's gate). They are left dense."""
+    out = []
+    for name, mod in block.named_modules():
+        n = _num_experts(mod)
+        if n is None:
+            continue
+        for cname, child in mod.named_modules():
+            if not cname or cname == "experts" or cname.startswith("experts."):
+                continue
+            if isinstance(child, nn.Linear) and (child.out_features == n or (child.out_features == 1 and "gate" in cname)):
+                out.append(f"{name}.{cname}" if name else cname)
+    return out
+
+
+def without_routers(block: nn.Module, prefix: str, todo: dict, ctx: "ExpertsContext") -> dict:
+    """``todo`` (full name -> linear layer) less the block's routers, which are listed in ``ctx.routers``."""
+    names = {f"{prefix}.{r}" for r in routers(block)}
+    ctx.routers.extend(sorted(n for n in names if n in todo))
+    return {k: v for k, v in todo.items() if k not in names}
+
+
 # ---------------------------------------------------------------------------------------------- watching W[e]
 class ExpertMatrix:
     """One expert's matrix as the driver's ``solve`` sees a layer: ``weight`` [out, in], a view into the 3-D
@@ -243,6 +276,7 @@ class ExpertsContext:
     log: list  # report["moe"]["experts"]
     params: dict  # report["moe"]["params"]
     hdtype: torch.dtype = torch.float32
+    routers: list = field(default_factory=list)  # router layers left dense
     reduce: Optional[Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]] = None  # across ranks
 
 
@@ -329,7 +363,8 @@ def _left_dense(name: str, p: Optional[nn.Parameter], why: str, ctx: ExpertsCont
 
 
 def report(ctx: ExpertsContext) -> dict:
-    return {"min_tokens": MIN_TOKENS, "fallback": FALLBACK, "params": ctx.params, "experts": ctx.log}
+    return {"min_tokens": MIN_TOKENS, "fallback": FALLBACK, "params": ctx.params, "experts": ctx.log,
+            "routers_left_dense": ctx.routers}
 
 
 @torch.no_grad()
