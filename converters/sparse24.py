@@ -208,7 +208,7 @@ def _conv1d_modules(src: Path, names: list[str]) -> set[str]:
         except ValueError:  # a config class the auto mapping lacks (a causal LM's text config): its own class
             import transformers
 
-            model = getattr(transformers, (config.architectures or [""])[0]).from_config(config)
+            model = getattr(transformers, (config.architectures or [""])[0])._from_config(config)
     return {n for n in names if type(model.get_submodule(n)).__name__ == "Conv1D"}
 
 

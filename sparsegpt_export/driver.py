@@ -96,7 +96,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     # generic: the longest ModuleList of identical modules that contain linear layers
     best: tuple[int, str, Optional[nn.ModuleList]] = (0, "", None)
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > best[0]:
+        if isinstance(mod, nn.ModuleList) and len(mod) > best[0] and not any(w in name for w in families.NON_TEXT_PARTS):
             kinds = {type(m) for m in mod}
             if len(kinds) == 1 and any(is_linear(x) for x in mod[0].modules()):
                 best = (len(mod), name, mod)
@@ -568,7 +568,7 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
             hooks_time = [0.0]
             if len(chunks) == 1 and d is None and not spill:
                 rel = {k[len(f"{path}.{bi}."):]: k for k in todo}
-                if config.stack_shared_inputs and shared_rel is None:  # learned on the first block, checked later
+                if config.stack_shared_inputs:  # learned per block (hybrids mix layer kinds), checked in the pass
                     shared_rel = [[n[len(f"{path}.{bi}."):] for n in g]
                                   for g in shared_input_groups(block, chunks[0], todo)]
                 groups = [[rel[r] for r in g if r in rel] for g in (shared_rel or [])]

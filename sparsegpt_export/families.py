@@ -30,7 +30,11 @@ REFUSED: dict[str, str] = {
     "falcon_mamba": _SSM,
     "rwkv": _RECURRENT,
     "xlstm": _RECURRENT,
+    "reformer": ("reversible layers that carry two hidden-state streams between blocks; sparsegpt-export walks blocks "
+                 "that pass one hidden state"),
 }
+# Parts of a composite model whose layer stacks are not the language model's blocks (skipped by block discovery).
+NON_TEXT_PARTS = ("vision", "visual", "image", "audio", "speech")
 
 
 def model_type(config: Any) -> str:

@@ -157,9 +157,18 @@ class _Watch(TorchFunctionMode):
              torch.Tensor.data.__get__, torch.Tensor.dtype.__get__, torch.Tensor.shape.__get__,
              torch.Tensor.device.__get__, torch.Tensor.dim, torch.Tensor.size}
 
+    BATCHED = {torch.bmm, torch.Tensor.bmm}
+
     def __init__(self, stage: _Stage):
         super().__init__()
         self.stage = stage
+
+    def _whole(self, w: Any) -> Optional[str]:
+        """The name of the watched parameter ``w`` is (all experts at once, as in Llama 4's bmm), else None."""
+        for name, p in self.stage.params.items():
+            if isinstance(w, torch.Tensor) and w.dim() == 3 and w.data_ptr() == p.data_ptr() and w.shape == p.shape:
+                return name
+        return None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -175,6 +184,12 @@ class _Watch(TorchFunctionMode):
             if hit is not None:
                 name, e, _ = hit
                 self.stage.see(args[0], name, e, as_input_rows=False)
+        elif func in self.BATCHED and len(args) >= 2 and self._whole(args[1]) is not None:
+            name = self._whole(args[1])
+            for e in range(args[0].shape[0]):  # x [E, tokens, in] @ W [E, in, out]: rows of zeros are tokens not routed
+                x = args[0][e]
+                self.stage.first.pop(e, None)
+                self.stage.see(x[x.ne(0).any(-1)], name, e, as_input_rows=False)
         elif func not in self.VIEWS and self.stage.unsupported is None:
             for a in list(args) + list(kwargs.values()):
                 if isinstance(a, torch.Tensor) and a.dim() == 3 and any(a is p for p in self.stage.params.values()):
