@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 MARK = "@@coverage@@ "
+CRASH_ENV = "SPARSEGPT_COVERAGE_CRASH"  # testing aid: the worker dies (as if killed) when asked for this model type
 VOCAB = 512
 NSAMPLES, SEQLEN = 4, 16
 
@@ -308,6 +309,8 @@ def worker() -> int:
         mt = line.strip()
         if not mt:
             continue
+        if os.environ.get(CRASH_ENV) == mt:
+            os._exit(3)
         with tempfile.TemporaryDirectory(prefix=f"coverage-{mt}-") as tmp:
             row = run_family(mt, Path(tmp))
         sys.stdout.write(MARK + json.dumps(row) + "\n")

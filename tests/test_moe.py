@@ -128,3 +128,16 @@ def test_fused_experts_export_and_load(tmp_path):
     assert len(dense) == 4 and all("stored dense" in r["reason"] for r in dense.values())
     for n, w in expert_matrices(loaded, q.report).items():
         assert nm_holds(w, 2, 4), n
+
+
+def test_fused_experts_with_chunked_calibration():
+    """Windows in chunks (the staged schedule): the experts see every chunk's tokens."""
+    model = tiny_moe("mixtral")
+    q = SparseGPTQuantizer(pattern="2:4", bits=4, group_size=32, dataset=calib(), nsamples=4, seqlen=16,
+                           calib_batch_size=1)
+    q.quantize_model(model, progress=False)
+    assert q.report["calib_batch_size"] == 1
+    mats = expert_matrices(model, q.report)
+    assert len(mats) == 16 and all(nm_holds(w, 2, 4) for w in mats.values())
+    counts = [x["tokens"] for x in q.report["moe"]["experts"] if x["layer"].startswith("model.layers.0.mlp.experts.gate_up")]
+    assert sum(counts) == 4 * 16 * 2
