@@ -50,7 +50,7 @@ COMMON: dict[str, Any] = {
     "num_layers": 2, "decoder_layers": 2, "encoder_layers": 2, "vocab_size_per_layer_input": VOCAB,
     "num_kv_shared_layers": 0, "o_lora_rank": 32, "first_dense_intermediate_size": 128,
     "shared_intermediate_size": 64, "unpadded_vocab_size": VOCAB, "hidden_size_global": 64, "ffn_hidden_size": 128,
-    "expert_ffn_hidden_size": 64, "encoder_hash_byte_group_vocab": VOCAB,
+    "expert_ffn_hidden_size": 64, "encoder_hash_byte_group_vocab": VOCAB, "dff": 128,
     "decoder_ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_attention_heads": 4, "encoder_attention_heads": 4,
     "shared_expert_intermediate_size": 64, "intermediate_size_mlp": 128,
 }
@@ -69,6 +69,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "dots3_note": {"num_key_value_heads": 4},
     "dots3_note_text": {"num_key_value_heads": 4},
     "cpmant": {"dim_ff": 128},
+    "nemotron_h": {"layers_block_type": ["linear_attention", "full_attention"]},
+    "roc_bert": {"shape_vocab_size": VOCAB, "pronunciation_vocab_size": VOCAB},
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}, "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2, "hidden_size": 64}},
     "kolibri1_1": {"kv_source_layers": [0, 1], "index_layers": [], "mlp_only_layers": [0]},
     "musicgen": {"num_codebooks": 1},
@@ -77,7 +79,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 AFTER_BUILD: dict[str, Callable[[Any], None]] = {
     "xmod": lambda m: m.set_default_language("en_XX"),
 }
-MAX_PARAMETERS = 10_000_000  # a "tiny" model above this has a config key COMMON missed: an override is due
+MAX_PARAMETERS = 20_000_000  # a "tiny" model above this has a config key COMMON missed: an override is due
 
 
 # ---------------------------------------------------------------------------------------------- building

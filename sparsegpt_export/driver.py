@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import distributed as distmod
-from . import families, hostmem, moe
+from . import capture, families, hostmem, moe
 from . import smoothing
 from .config import ConfigError, SparseGPTConfig, parse_pattern
 from .families import UnsupportedModelError
@@ -351,6 +351,7 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
         store.fetch_front(device)
     try:
         chunks = capture_block_inputs(model, blocks, local, batch, device)
+        per_block = capture.per_block_kwargs(model, blocks, local, batch, device)  # None: block 0's for all
     finally:
         if store is not None:
             store.release_front()
@@ -545,6 +546,8 @@ def _compress(model, calib, config, device, *, progress, checkpoint_dir, resume,
     try:
         for bi in range(start_block, len(blocks)):
             block = blocks[bi]
+            if per_block is not None:  # layers of several kinds: this block's own masks and position embeddings
+                chunks = [(hs, per_block[ci][bi]) for ci, (hs, _) in enumerate(chunks)]
             orig_device = next(block.parameters()).device
             if store is not None:
                 store.fetch(bi, block, device)

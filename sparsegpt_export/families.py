@@ -97,12 +97,13 @@ def block_inputs(block: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict
     """A block call as (hidden states, keyword arguments): positional arguments after the hidden states (CPM-Ant's
     attention mask, ...) become keywords by the block's forward signature, so the block can be called again."""
     kwargs = dict(kwargs)
-    try:
-        sig = inspect.signature(block.forward)
-        bound = sig.bind_partial(*args, **kwargs)
+    try:  # the class's forward: an instance may have its forward replaced (capture.per_block_kwargs)
+        sig = inspect.signature(type(block).forward)
+        bound = sig.bind_partial(block, *args, **kwargs)
     except (TypeError, ValueError):
         return (args[0] if args else kwargs.pop("hidden_states")), kwargs
-    params = sig.parameters
+    params = dict(list(sig.parameters.items())[1:])  # without self
+    bound.arguments.pop(next(iter(sig.parameters)))
     if not args or any(params[n].kind == inspect.Parameter.VAR_POSITIONAL for n in bound.arguments):
         return (args[0] if args else kwargs.pop("hidden_states")), kwargs
     named = dict(bound.arguments)

@@ -79,3 +79,34 @@ def test_moe_router_layers_stay_dense(calib):
     assert torch.equal(model.model.layers[0].mlp.shared_expert_gate.weight, gate)
     assert res.report["moe"]["routers_left_dense"] == [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)]
     assert "model.layers.0.mlp.shared_expert.gate_proj" in res.records  # the shared expert is compressed
+
+
+def test_alternating_layers_get_their_own_masks():
+    """Gemma 3 alternates sliding-window and full attention: each block is calibrated with its own mask."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from sparsegpt_export import capture
+    from sparsegpt_export.driver import find_blocks
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=128, head_dim=16, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"])
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()  # explicit masks
+    _, blocks = find_blocks(model)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    per_block = capture.per_block_kwargs(model, blocks, ids, 2, torch.device("cpu"))
+    assert len(per_block) == 2 and all(len(r) == 2 for r in per_block)  # 2 chunks x 2 blocks
+    seen = {}
+    for i in range(2):
+        hook = blocks[i].register_forward_pre_hook(
+            lambda _m, a, kw, i=i: seen.__setitem__(i, kw["attention_mask"]), with_kwargs=True)
+    with torch.no_grad():
+        model(ids[:2], use_cache=False)
+    for i in range(2):  # what the model itself hands each block
+        assert torch.equal(per_block[0][i]["attention_mask"], seen[i]), i
+    assert not torch.equal(seen[0], seen[1])  # sliding window of 4 against full causal
+    from conftest import make_model
+
+    llama = make_model("llama")  # one kind of layer: the first block's arguments serve all
+    assert capture.per_block_kwargs(llama, llama.model.layers, ids, 2, torch.device("cpu")) is None
