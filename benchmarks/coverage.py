@@ -261,7 +261,8 @@ def run_family(model_type: str, work: Path) -> dict[str, Any]:
 
 def _summary(report: dict) -> dict[str, Any]:
     s = report["summary"]
-    out = {"layers_compressed": s["layers_compressed"], "weighted_sparsity": round(s["weighted_sparsity"], 4)}
+    out = {"layers_compressed": s["layers_compressed"], "layers_left_dense": s["layers_skipped"],
+           "routers_left_dense": len(report.get("moe", {}).get("routers_left_dense", [])), "weighted_sparsity": round(s["weighted_sparsity"], 4)}
     if report.get("moe"):
         out["experts"] = len(report["moe"]["experts"])
         out["expert_fallbacks"] = sum(1 for x in report["moe"]["experts"] if x["hessian"] != "routed")
@@ -414,13 +415,22 @@ def markdown(rows: list[dict], meta: dict) -> list[str]:
              f"failed {t['failed']}; works / (works + failed) = {100 * t['works_share_of_compressible']:.1f}%", "",
              "| model type | class | result | layers compressed / found | detail |", "|---|---|---|---|---|"]
     for r in rows:
-        detail = r.get("reason") or r.get("error") or (
-            f"logits max rel diff {r['logits_rel_max_diff']:.1e}" + (
-                f"; {r['experts']} experts, {r['expert_fallbacks']} on the fallback Hessian" if "experts" in r else ""))
+        detail = r.get("reason") or r.get("error") or _works_detail(r)
         layers = _layers(r) if "layers_compressed" in r else ""
         lines.append(f"| {r['model_type']} | {r.get('class', '')} | {r['status']} | {layers} | "
                      f"{str(detail).replace('|', '/')} |")
     return lines
+
+
+def _works_detail(r: dict) -> str:
+    parts = [f"logits max rel diff {r['logits_rel_max_diff']:.1e}"]
+    if r.get("experts"):
+        parts.append(f"{r['experts']} expert matrices ({r['expert_fallbacks']} on the fallback Hessian)")
+    if r.get("routers_left_dense"):
+        parts.append(f"{r['routers_left_dense']} routers dense")
+    if r.get("layers_left_dense"):
+        parts.append(f"{r['layers_left_dense']} layers never called, dense")
+    return "; ".join(parts)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

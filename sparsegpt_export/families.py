@@ -115,3 +115,16 @@ def block_inputs(block: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict
         else:
             out[name] = value
     return hs, out
+
+
+def note_unreached(todo: dict[str, nn.Module], records: dict, rows: list[dict]) -> list[str]:
+    """Layers of ``todo`` that the block's forward never called on the calibration data (a decoder's cross-attention
+    without encoder states, ...): left dense, each with a report row and warning, never silently. Returns them."""
+    done = set(records) | {r.get("layer") for r in rows}
+    missed = [n for n in todo if n not in done]
+    for name in missed:
+        w = todo[name].weight
+        msg = (f"layer {name}: never called in the block's forward on the calibration data (e.g. cross-attention "
+               "without encoder states); left dense")
+        rows.append({"layer": name, "pattern": "skipped", "warning": msg, "shape": list(w.shape)})
+    return missed
