@@ -1,6 +1,7 @@
 """``python -m benchmarks run --suite {gemm,e2e,compress,all} [--device cuda|cpu] [--quick] [--out DIR]
 [--peer-python PYTHON | --install-peer]``; ``python -m benchmarks gpu-check [--budget 480] [--quick]
-[--device cuda|cpu] [--out DIR]`` (see `benchmarks.gpu_check`).
+[--device cuda|cpu] [--out DIR]`` (see `benchmarks.gpu_check`); ``python -m benchmarks coverage [--only TYPES]
+[--timeout S]`` (the coverage sweep over transformers' causal LM families: `benchmarks.coverage`).
 
 Each suite writes ``<out>/<device-name>/<suite>.json``, a Markdown table (``.md``) and, with matplotlib, a
 PNG plot; the tables are printed last, with the ceilings (2x for 2:4 math; bytes per weight for decode).
@@ -24,8 +25,15 @@ SUITES = {
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["coverage"]:  # its own options: see benchmarks/coverage.py
+        from . import coverage
+
+        return coverage.main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("coverage", help="coverage sweep over every causal LM family of transformers (python -m benchmarks "
+                               "coverage --help)", add_help=False)
     run = sub.add_parser("run", help="run benchmark suites")
     run.add_argument("--suite", choices=[*SUITES, "all"], default="all")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

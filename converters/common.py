@@ -67,5 +67,10 @@ def conv1d_modules(src: Path, names: list[str]) -> set[str]:
     config = AutoConfig.from_pretrained(str(src))
     strip_quantization_config(config)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # a config class the auto mapping lacks (a causal LM's text config): its own class
+            import transformers
+
+            model = getattr(transformers, (config.architectures or [""])[0])._from_config(config)
     return {n for n in names if type(model.get_submodule(n)).__name__ == "Conv1D"}

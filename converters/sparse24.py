@@ -194,6 +194,9 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
         "sym": cfg.sym if cfg else (first.sym if first else True),
         "layers": layers,
     }
+    dense = fused_expert_notes(src)
+    if dense:
+        config["quantization_config"]["dense_params"] = dense
     meta = {"format": "pt", "sparsegpt_format": FORMAT, "format_version": str(FORMAT_VERSION)}
     with atomic_dir(out, overwrite) as tmp:
         save_file(packed, str(tmp / WEIGHTS_FILE), metadata=meta)
@@ -205,6 +208,19 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
         write_config(config, tmp, dt)
         copy_side_files(src, tmp)
     return Path(out)
+
+
+def fused_expert_notes(src: str | os.PathLike) -> dict[str, str]:
+    """Per fused 3-D expert parameter of the compress output, why sparse24 stores it dense."""
+    params: dict[str, list[LayerRecord]] = {}
+    for name, rec in load_records(src, key="experts").items():
+        params.setdefault(name.rpartition(".")[0], []).append(rec)
+    notes = {}
+    for param, recs in params.items():
+        how = sorted({f"{r.pattern}" + (f" + {r.bits}-bit g{r.group_size or 'row'}" if r.bits else "") for r in recs})
+        notes[param] = (f"fused 3-D expert parameter ({len(recs)} expert matrices compressed, {', '.join(how)}): "
+                        "sparse24 packs 2-D linear layers only, so it is stored dense in the export dtype")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------- loading

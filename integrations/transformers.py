@@ -216,6 +216,8 @@ class SparseGPTHfQuantizer(HfQuantizer):
         cache: dict = {}  # one dispatch measurement per distinct layer shape
         rows = [_load_layer(model, name, mod, dtype, self._folder, cache)
                 for name, mod in list(model.named_modules()) if isinstance(mod, PackedSparseLinear)]
+        rows += [{"layer": name, "kernel": "dense", "reason": why}  # fused 3-D experts: see sparse24.fused_expert_notes
+                 for name, why in (getattr(self.quantization_config, "dense_params", None) or {}).items()]
         on_kernels = sum(r["kernel"] != "dense" for r in rows)
         model.sparsegpt_load_report = {"layers": rows, "kernels": on_kernels, "dense": len(rows) - on_kernels}
         fallbacks = sorted({r["reason"] for r in rows if r["kernel"] == "dense"})

@@ -23,6 +23,9 @@ BLOCK_PATHS = (
     "model.language_model.layers",
 )
 
+# Parts of a composite model whose layer stacks are not the language model's blocks (skipped by block discovery).
+NON_TEXT_PARTS = ("vision", "visual", "image", "audio", "speech")
+
 # What sits between the last block and the lm_head: the final norm (and OPT's optional projection).
 FINAL_NORM_PATHS = (
     "model.norm", "model.decoder.final_layer_norm", "transformer.ln_f", "gpt_neox.final_layer_norm",
@@ -70,7 +73,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     # generic: the longest ModuleList of identical modules that contain linear layers
     best: tuple[int, str, Optional[nn.ModuleList]] = (0, "", None)
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > best[0]:
+        if isinstance(mod, nn.ModuleList) and len(mod) > best[0] and not any(w in name for w in NON_TEXT_PARTS):
             kinds = {type(m) for m in mod}
             if len(kinds) == 1 and any(is_linear(x) for x in mod[0].modules()):
                 best = (len(mod), name, mod)

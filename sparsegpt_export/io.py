@@ -79,10 +79,27 @@ def save_compressed(model: Any, tokenizer: Any, result: CompressionResult, out: 
     with atomic_dir(out, overwrite) as tmp:
         strip_quantization_config(model.config)
         model.save_pretrained(tmp)
+        if not _has_layers(tmp, result):
+            # transformers renamed (or merged) some compressed layers on save, back to the family's original checkpoint
+            # layout: keep the module names, which the records and every converter use (from_pretrained reads both)
+            for f in tmp.glob("model*.safetensors*"):
+                f.unlink()
+            model.save_pretrained(tmp, save_original_format=False)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_sidecar(tmp, result)
     return Path(out)
+
+
+def _has_layers(folder: Path, result: CompressionResult) -> bool:
+    """Whether the checkpoint in ``folder`` holds every compressed layer's weight under its module name."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for f in folder.glob("model*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            keys.update(sf.keys())
+    return all(f"{name}.weight" in keys for name in result.records)
 
 
 def save_streamed(model: Any, tokenizer: Any, result: CompressionResult, out: str | os.PathLike, store: Any,

@@ -74,11 +74,13 @@ class SparseGPTQuantizer(_Base):
         ``offload_dir`` (default: beside the output). ``max_memory`` (``"20GiB"``, bytes): what the calibration
         activations may take on the compute device before they are kept in host memory.
         """
+        from .families import check_checkpoint
         from .models import load_model, resolve_model
         from .offload import OFFLOAD_MODES, OffloadError, load_skeleton, parse_memory
 
         if offload not in OFFLOAD_MODES:
             raise OffloadError(f"--offload: {offload!r} is not one of {OFFLOAD_MODES}")
+        check_checkpoint(resolve_model(str(model_or_path)))  # a refused model type: one line, before any loading
         q = cls(config=config, **kwargs)
         q.offload, q.offload_dir = offload, Path(offload_dir) if offload_dir else None
         q.max_memory = parse_memory(max_memory) if isinstance(max_memory, str) else max_memory

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -65,6 +65,7 @@ class CompressionResult:
     records: dict[str, LayerRecord]
     report: dict[str, Any]
     config: SparseGPTConfig
+    expert_records: dict[str, LayerRecord] = field(default_factory=dict)  # fused 3-D experts: <param>.<expert>
 
 
 def quant_tensors(records: dict[str, LayerRecord], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -87,13 +88,18 @@ def write_sidecar(folder: Path, result: CompressionResult) -> None:
 
     layers = {name: rec.meta() for name, rec in result.records.items()}
     meta = {"format": "sparsegpt-compressed", "format_version": str(FORMAT_VERSION), "layers": json.dumps(layers)}
-    save_file(quant_tensors(result.records), str(folder / QUANT_FILE), metadata=meta)
+    tensors = quant_tensors(result.records)
+    if result.expert_records:  # fused 3-D experts, one record per expert matrix <param>.<expert> (see moe.py)
+        meta["experts"] = json.dumps({name: rec.meta() for name, rec in result.expert_records.items()})
+        tensors.update(quant_tensors(result.expert_records))
+    save_file(tensors, str(folder / QUANT_FILE), metadata=meta)
     result.config.to_json_file(folder / CONFIG_FILE)
     (folder / REPORT_FILE).write_text(json.dumps(result.report, indent=2) + "\n")
 
 
-def load_records(folder: str | os.PathLike) -> dict[str, LayerRecord]:
-    """The layer records of a ``compress`` output (scales and zero points included)."""
+def load_records(folder: str | os.PathLike, key: str = "layers") -> dict[str, LayerRecord]:
+    """The layer records of a ``compress`` output (scales and zero points included); ``key="experts"``: the records
+    of the fused expert matrices (``<param>.<expert>``), which are not linear layers."""
     from safetensors import safe_open
 
     f = Path(folder) / QUANT_FILE
@@ -104,7 +110,7 @@ def load_records(folder: str | os.PathLike) -> dict[str, LayerRecord]:
         version = int(meta.get("format_version", "0"))
         if version > FORMAT_VERSION:
             raise ValueError(f"{f}: format_version {version} is newer than this package understands ({FORMAT_VERSION})")
-        layers = json.loads(meta.get("layers", "{}"))
+        layers = json.loads(meta.get(key, "{}"))
         keys = set(sf.keys())
         return {name: LayerRecord.from_meta(
             name, d, scales=sf.get_tensor(f"{name}.scales") if f"{name}.scales" in keys else None,

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..anatomy import UnsupportedModelError
+from ..families import block_inputs
 
 CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past")
 
@@ -19,8 +20,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.T
     captured: list[tuple[torch.Tensor, dict]] = []
 
     def hook(_mod, args, kwargs):
-        kwargs = dict(kwargs)
-        hs = args[0] if args else kwargs.pop("hidden_states")
+        hs, kwargs = block_inputs(blocks[0], args, kwargs)
         captured.append((hs, {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}))
         raise _StopForward
 
@@ -68,7 +68,12 @@ def shared_input_groups(block: nn.Module, chunk, todo: dict[str, nn.Module]) -> 
     hs, kw = chunk
     try:
         with torch.no_grad():
-            block(hs[:1], **{k: _cut(v, hs.shape[0]) for k, v in kw.items()})
+            try:
+                block(hs[:1], **{k: _cut(v, hs.shape[0]) for k, v in kw.items()})
+            except RuntimeError:  # keyword tensors that do not lead with the batch (ALiBi: batch x heads): all of it
+                seen.clear()
+                alive.clear()
+                block(hs, **kw)
     finally:
         for h in handles:
             h.remove()

@@ -63,13 +63,16 @@ def _write_block(state: RunState, bi: int, block: nn.Module) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     prefix = f"{state.path}.{bi}."
     tensors = {prefix + k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-    for fname, data in ((f"quant_{bi:05d}.safetensors", quant_tensors(state.records, prefix)),
+    experts = state.experts.expert_records if state.experts is not None else {}
+    quant = {**quant_tensors(state.records, prefix), **quant_tensors(experts, prefix)}
+    for fname, data in ((f"quant_{bi:05d}.safetensors", quant),
                         (block_file(ckpt, bi).name, tensors)):
         tmp = ckpt / (fname + ".tmp")
         save_file(data, str(tmp))
         os.replace(tmp, ckpt / fname)
     meta = {"run_key": state.run_key, "next_block": bi + 1, "rows": state.rows,
-            "records": {n: r.meta() for n, r in state.records.items()}}
+            "records": {n: r.meta() for n, r in state.records.items()},
+            "expert_records": {n: r.meta() for n, r in experts.items()}}
     tmpj = ckpt / "state.json.tmp"
     tmpj.write_text(json.dumps(meta))
     os.replace(tmpj, ckpt / "state.json")
@@ -96,6 +99,9 @@ def load(state: RunState) -> int:
         saved.update(load_file(str(state.ckpt / f"quant_{bi:05d}.safetensors")))
     for name, r in meta["records"].items():
         state.records[name] = LayerRecord.from_meta(name, r, saved.get(name + ".scales"), saved.get(name + ".zeros"))
+    for name, r in meta.get("expert_records", {}).items():
+        state.experts.expert_records[name] = LayerRecord.from_meta(name, r, saved.get(name + ".scales"),
+                                                                   saved.get(name + ".zeros"))
     state.rows.extend(meta["rows"])
     return nb
 
@@ -120,6 +126,8 @@ def replay(state: RunState, nb: int, chunks, device: torch.device, spill: bool) 
             state.store.fetch_staged(bi, block, device, block_file(state.ckpt, bi))
         orig = next(block.parameters()).device
         block.to(device)
+        if state.per_block is not None:  # layers of several kinds: this block's own keyword arguments
+            chunks = [(hs, state.per_block[ci][bi]) for ci, (hs, _) in enumerate(chunks)]
         outs = forward_only(block, chunks, device if spill else None)
         chunks = [(o.cpu() if spill else o, kw) for o, (_, kw) in zip(outs, chunks)]
         if state.store is not None:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .. import distributed as distmod
-from .. import hostmem, smoothing
+from .. import families, hostmem, moe, smoothing
 from ..anatomy import block_linears, find_blocks, is_selected
 from ..config import ConfigError, SparseGPTConfig
 from ..records import CompressionResult
@@ -30,6 +31,8 @@ from ..solver import group_windows
 from . import checkpoint
 from .blockrun import run_block
 from .capture import capture_block_inputs, shared_input_groups
+from .layers import solve_one
+from .per_block import per_block_kwargs
 from .lm_head import quantize_lm_head
 from .plan import plan_layers
 from .report import build_report
@@ -74,16 +77,21 @@ def compress_model(
             smoothed = compress_blocks(state, model, chunks, spill, first, progress)
     report = build_report(state, nsamples=calib.shape[0], seqlen=calib.shape[1], batch=batch, spill=spill,
                           smoothed=smoothed, t_start=t_start)
+    if state.experts.log or state.experts.params or state.experts.routers:
+        report["moe"] = moe.report(state.experts)
     if state.dist is not None:  # where each rank's time went
         report["profile_by_rank"] = distmod.all_gather_json(state.dist, report["profile"])
-    return CompressionResult(records=state.records, report=report, config=config)
+    return CompressionResult(records=state.records, report=report, config=config,
+                             expert_records=state.experts.expert_records)
 
 
 def start(model: nn.Module, calib: torch.Tensor, config: SparseGPTConfig, device: torch.device, *, progress: bool,
           store: Any, checkpoint_dir: Any, model_name: str, sensitivity_cache: Any):
     """The run's state: blocks found, arguments checked (across the ranks too), this rank's windows, the batch
     size and the plan. Returns ``(state, local windows, batch, progress)``."""
+    families.check_supported(model)
     path, blocks = find_blocks(model)
+    families.check_blocks(model, blocks)
     if calib.dim() != 2:
         raise ConfigError(f"calibration: expected input_ids of shape [nsamples, seqlen], got {tuple(calib.shape)}")
     if store is not None and checkpoint_dir is None:
@@ -111,7 +119,17 @@ def start(model: nn.Module, calib: torch.Tensor, config: SparseGPTConfig, device
     if d is not None:
         state.plan = distmod.broadcast_json(d, state.plan if d.is_main else None, 0)
     state.time("plan_s", time.perf_counter() - t)
+    state.experts = moe.ExpertsContext(
+        solve=functools.partial(solve_one, state), selected=lambda n: is_selected(n, config.targets, config.ignore),
+        records=state.records, expert_records={}, rows=state.rows, log=[], params={}, hdtype=state.hdtype,
+        reduce=None if d is None else functools.partial(_reduce_mean, d))
     return state, local, batch, progress
+
+
+def _reduce_mean(d: Any, H: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """A mean Hessian over all ranks from each rank's mean ``H`` over its ``n`` tokens (for `moe`)."""
+    total, ntot = distmod.all_reduce_hessian(d, H.to(torch.float64) * n, n)
+    return ((total / ntot) if ntot else total).to(H.dtype), ntot
 
 
 def _batch_size(model, blocks, local: torch.Tensor, config: SparseGPTConfig, device: torch.device, store: Any) -> int:
@@ -151,6 +169,7 @@ def block_inputs(state: RunState, model: nn.Module, local: torch.Tensor, batch: 
         state.store.fetch_front(state.device)
     try:
         chunks = capture_block_inputs(model, state.blocks, local, batch, state.device)
+        state.per_block = per_block_kwargs(model, state.blocks, local, batch, state.device)  # None: block 0's for all
     finally:
         if state.store is not None:
             state.store.release_front()
@@ -210,6 +229,8 @@ def compress_block(state: RunState, bi: int, chunks: list, spill: bool, smoothed
     """One block: fetched, smoothed, its layers compressed, checkpointed, put back. Returns its outputs."""
     block, config, device = state.blocks[bi], state.config, state.device
     orig_device = next(block.parameters()).device
+    if state.per_block is not None:  # layers of several kinds: this block's own masks and position embeddings
+        chunks = [(hs, state.per_block[ci][bi]) for ci, (hs, _) in enumerate(chunks)]
     if state.store is not None:
         state.store.fetch(bi, block, device)
     else:
@@ -218,12 +239,17 @@ def compress_block(state: RunState, bi: int, chunks: list, spill: bool, smoothed
         smoothed.append(_smooth(state, bi, block, _OnDevice(chunks, device) if spill else chunks))
     todo = {k: v for k, v in ((f"{state.path}.{bi}.{n}", m) for n, m in block_linears(block).items())
             if is_selected(k, config.targets, config.ignore)}
+    todo = moe.without_routers(block, f"{state.path}.{bi}", todo, state.experts)  # MoE routers stay dense
     probe = (chunks[0][0].to(device), chunks[0][1])
     groups = shared_input_groups(block, probe, todo) if todo else []
     del probe
     # chunks stay paused mid-forward (one forward per block) unless only one chunk's activations may be alive
     outs = run_block(state, block, todo, groups, chunks, keep_paused=not spill and state.store is None,
                      device=device if spill else None)
+    families.note_unreached(todo, state.records, state.rows)  # never called: left dense, listed in the report
+    work = _OnDevice(chunks, device) if spill else chunks
+    if moe.compress_block_experts(block, f"{state.path}.{bi}", work, state.experts):
+        outs = moe.block_outputs(block, work, to_cpu=spill)
     chunks = [(o.cpu() if spill else o, kw) for o, (_, kw) in zip(outs, chunks)]
     if state.store is None:
         block.to(orig_device)

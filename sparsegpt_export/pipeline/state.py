@@ -112,6 +112,8 @@ class RunState:
     ckpt: Optional[Path] = None
     run_key: str = ""
     hessian_group: Optional[int] = None  # windows per Hessian group (solver.hessian.group_windows)
+    per_block: Optional[list] = None  # [chunk][block] keyword arguments of decoders with several layer kinds
+    experts: Any = None  # moe.ExpertsContext: fused 3-D experts
     model_name: str = ""
     bar: Any = None
     records: dict[str, LayerRecord] = field(default_factory=dict)
