@@ -405,7 +405,8 @@ def write_report(result: dict, args, out_dir: Path, stem: str, log: Log) -> None
                "greedy 32 tokens identical |", "|---|---|---|---|"]
     for k, v in result["parity"].items():
         md.append(f"| {k} | {v['logits_rel_err']:.3g} | {v['logits_maxabs_rel_err']:.3g} | {v['greedy32_identical']} |")
-    md += ["", "| WikiText-2 ppl (16 x 2048) | torch | ONNX (as exported) | difference |", "|---|---|---|---|"]
+    windows = next(iter(result["perplexity"].values()), {}).get("windows", args.ppl_windows)
+    md += ["", f"| WikiText-2 ppl ({windows} x 2048) | torch | ONNX (as exported) | difference |", "|---|---|---|---|"]
     for k, v in result["perplexity"].items():
         md.append(f"| {k} | {v['torch']:.4f} | {v['onnx']:.4f} | {100 * v['rel_diff']:+.3f}% |")
     (out_dir / f"{stem}.md").write_text("\n".join(md) + "\n")
