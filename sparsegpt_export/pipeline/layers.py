@@ -2,6 +2,7 @@
 their solve is row by row and alike), and the record and report row each solved layer leaves."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -20,10 +21,29 @@ from .state import RunState
 logger = logging.getLogger(__name__)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Solves run on one CPU thread: the BLAS rounds a product otherwise with 2 threads than with 1, and the sweep
+    amplifies that into other masks (SmolLM2: one process on 2 threads kept 92.7% of the masks of the same process on
+    1 thread, which torchrun's ranks get), so a layer's solve must not depend on the process's thread count. The
+    block forwards and the Hessians keep every thread (nothing else runs while a layer is solved)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def solve_one(state: RunState, lname: str, module: nn.Module, H: torch.Tensor, prune: bool = True,
               split: Any = None) -> None:
     """Solve one layer; with ``split`` (the ranks), this rank solves its share of the rows and the shares are
     exchanged (only for row-separable problems: see ``solver.row_separable``)."""
+    with one_thread():
+        _solve_one(state, lname, module, H, prune, split)
+
+
+def _solve_one(state: RunState, lname: str, module: nn.Module, H: torch.Tensor, prune: bool, split: Any) -> None:
     W = get_weight(module)
     rows, cols = W.shape
     t0 = time.perf_counter()
@@ -117,7 +137,8 @@ def record(state: RunState, lname: str, module: nn.Module, res: SolveResult, ext
 def solve_group(state: RunState, members: list[tuple[str, nn.Module]], H: torch.Tensor, prune: bool = True) -> None:
     """Solve layers that share one input ``H`` (already summed over the ranks). With several ranks each rank solves
     its share (`pipeline.sharing`); alone, `solve_stacked`."""
-    if state.dist is None:
-        solve_stacked(state, members, H, prune)
-        return
-    solve_shared(state, members, H, prune, solve_one)
+    with one_thread():
+        if state.dist is None:
+            solve_stacked(state, members, H, prune)
+        else:
+            solve_shared(state, members, H, prune, solve_one)
