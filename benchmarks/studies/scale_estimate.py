@@ -16,7 +16,14 @@ the layers of a group are solved on different ranks, or each layer's rows split 
 layers do not share out evenly (the critical path is the busiest rank of each group, as the driver schedules it), and each
 group's Hessian is all-reduced in float64 (ring, at an assumed 150 GB/s per GPU).
 
-    python -m benchmarks.studies.scale_estimate [--scale benchmarks/results/scale.json] [--out benchmarks/results]
+The N-rank rows are then corrected by what several ranks MEASURED (issue #28): ``split_invariance.json``
+(``benchmarks/studies/split_invariance.py``: SmolLM2, one process against ``torchrun`` with 2 processes, each with
+its per-rank profile) gives, per kind of work, the speedup of the busiest rank over one process; divided by the
+speedup this work model predicts for the same shapes and 2 ranks, that is the measured parallel efficiency (capped
+at 1), applied to the 8-rank row as ``time / efficiency`` for each kind.
+
+    python -m benchmarks.studies.scale_estimate [--scale benchmarks/results/scale.json]
+        [--ranks benchmarks/results/split_invariance.json] [--out benchmarks/results]
 
 Writes ``<out>/scale_estimate.md`` and ``.json``.
 """
@@ -77,6 +84,8 @@ def group_critical_path(shapes: list[tuple[int, int]], world: int) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", default=str(RESULTS / "scale.json"))
+    ap.add_argument("--ranks", default=str(RESULTS / "split_invariance.json"),
+                    help="split_invariance.json with a one-process and a 2-process run and their per-rank profiles")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
@@ -107,12 +116,14 @@ def main() -> int:
     for shape, v in sorted(by_shape.items()):
         v = sorted(v)
         lines.append(f"| {list(shape)} | {len(v)} | {v[len(v) // 2]:.2f} | {solve_flops(*shape) / rate['solve']:.2f} |")
+    eff, eff_lines = rank_efficiency(Path(args.ranks))
+    lines += eff_lines
     lines += ["", "ASSUMED H100 SXM rates (no GPU measured in this project): solve "
               f"{H100['solve'] / 1e12:.0f} TFLOP/s, Hessians {H100['hessian'] / 1e12:.0f} TFLOP/s (float32), forwards "
               f"{H100['forward'] / 1e12:.0f} TFLOP/s (bf16), all-reduce {H100['allreduce_Bps'] / 1e9:.0f} GB/s per GPU.", "",
               "| model | where | time (estimate) | compute-device memory (estimate) | host memory, --offload cpu | "
               "host memory, --offload disk |", "|---|---|---|---|---|---|"]
-    out = {"rates_measured_flops": rate, "h100_assumed": H100, "models": {}}
+    out = {"rates_measured_flops": rate, "h100_assumed": H100, "rank_efficiency_measured": eff, "models": {}}
     tokens = args.nsamples * args.seqlen
     for name, (h, f, kv, nb, vocab) in MODELS.items():
         w = block_work(h, f, kv, tokens, args.seqlen)
@@ -133,6 +144,11 @@ def main() -> int:
         comm = sum(2 * 8 * c * c * 7 / 8 for c in w["group_cols"].values()) / H100["allreduce_Bps"]
         est["8 x H100 (assumed rates)"] = nb * (sum(per_group.values()) / H100["solve"] + w["hessian"] / 8 / H100["hessian"]
                                                 + w["forward"] / 8 / H100["forward"] + comm)
+        if eff:
+            est["8 x H100 (assumed rates, measured 2-rank efficiency)"] = nb * (
+                sum(per_group.values()) / H100["solve"] / eff["solve"]
+                + w["hessian"] / 8 / H100["hessian"] / eff["hessian"]
+                + w["forward"] / 8 / H100["forward"] / eff["forward"] + comm)
         out["models"][name] = {"params": total_params, "seconds": est, "device_bytes": dev_b,
                                "host_bytes_offload_cpu": host_cpu, "host_bytes_offload_disk": host_disk}
         for where, sec in est.items():
@@ -149,6 +165,40 @@ def main() -> int:
     Path(args.out, "scale_estimate.json").write_text(json.dumps(out, indent=2) + "\n")
     print(text)
     return 0
+
+
+SMOLLM2 = (576, 1536, 192, 30)  # hidden, ffn, kv dim, blocks: the model split_invariance.json measured
+
+
+def rank_efficiency(path: Path) -> tuple[dict, list[str]]:
+    """Measured 2-rank parallel efficiency per kind of work (see the module docstring) and its table lines;
+    ``({}, [])`` when the file is missing or has no 2-process run with per-rank profiles."""
+    if not path.exists():
+        return {}, []
+    runs = json.loads(path.read_text())
+    one = next((r for r in runs.values() if r.get("world_size") == 1 and r.get("calib_batch_size") == 128), None)
+    two = next((r for r in runs.values() if r.get("world_size") == 2 and r.get("profile_by_rank")), None)
+    if one is None or two is None:
+        return {}, []
+    h, f, kv, _ = SMOLLM2
+    layers = block_layers(h, f, kv)
+    groups = {g for *_, g in layers}
+    shapes = {g: [(r, c) for _, r, c, gg in layers if gg == g] for g in groups}
+    predicted = {"solve": sum(group_critical_path(shapes[g], 1) for g in groups)
+                 / sum(group_critical_path(shapes[g], 2) for g in groups),
+                 "hessian": 2.0, "forward": 2.0}
+    keys = {"solve": "solve_s", "hessian": "hessian_s", "forward": "block_forward_s"}
+    eff, lines = {}, ["", f"Measured on 2 ranks (`{path.name}`: SmolLM2, one process against torchrun with 2 "
+                          "processes on this machine's 2 cores; busiest rank per kind of work):", "",
+                      "| work | one process s | busiest rank s | measured speedup | model's speedup | efficiency used |",
+                      "|---|---|---|---|---|---|"]
+    for kind, key in keys.items():
+        t1 = one["profile"][key]
+        t2 = max(p[key] for p in two["profile_by_rank"])
+        speed = t1 / t2
+        eff[kind] = min(1.0, speed / predicted[kind])
+        lines.append(f"| {kind} | {t1:.1f} | {t2:.1f} | {speed:.2f}x | {predicted[kind]:.2f}x | {eff[kind]:.2f} |")
+    return eff, lines
 
 
 def _dur(s: float) -> str:
