@@ -41,8 +41,10 @@ QUANT_ORDERS = ("after-mask", "joint")
 ALLOCATIONS = ("uniform", "sensitivity", "owl")
 METHODS = ("hutchinson", "fisher", "obd", "proxy")
 SALIENCIES = ("obs", "isc")
-UPDATES = ("obs", "admm")
+UPDATES = ("auto", "obs", "admm")
 ADMM_MASKS = ("gradual", "obs")
+REFINE_STEPS = 24
+RECONSTRUCT_LR = 1e-3  # ADMM iterations: benchmarks/results/admm_speed.md
 MIXED = "mixed sparsity and the weight update"
 
 
@@ -87,9 +89,10 @@ class SparseGPTConfig:
     mix_pattern, mix_fraction: N:M only: the most sensitive ``mix_fraction`` of the others get ``mix_pattern``
         (e.g. ``4:8`` beside ``2:4``).
     saliency: which weights to drop: ``obs`` (SparseGPT, w^2/[H^-1]^2) or ``isc`` (Shao et al., w^2 ([H] + 1/[H^-1])).
-    update: ``obs`` (SparseGPT's sweep) or ``admm`` (least squares on the mask by ADMM, ``refine_steps``
-        iterations; ``admm_mask``: ``gradual`` chooses the mask during the first 3/4 of them, ``obs`` keeps the
-        sweep's mask). Quantization then runs on the final weights with the mask fixed.
+    update: ``auto`` (default: ``admm`` for N:M patterns, ``obs`` for unstructured), ``obs`` (SparseGPT's sweep) or
+        ``admm`` (least squares on the mask by ADMM, ``refine_steps`` iterations; ``admm_mask``: ``gradual`` chooses
+        the mask during the first 3/4 of them, ``obs`` keeps the sweep's mask and starts from its weights).
+        Quantization then runs on the final weights with the mask fixed.
     smooth_alpha: 0 (default, off) or the migration strength in (0, 1] of activation smoothing before each block is
         compressed (SmoothQuant: input channel c divided by rms_c^alpha / max|W_c|^(1-alpha) where the input is made,
         the weight column multiplied by it; `sparsegpt_export.smoothing`). For graphs that quantize activations at
@@ -146,11 +149,18 @@ class SparseGPTConfig:
     mix_fraction: float = _opt(0.0, "N:M: fraction of the layers that get --mix-pattern", group=MIXED)
     saliency: str = _opt("obs", "which weights to drop: SparseGPT's w^2/[H^-1]^2 (obs) or Shao et al.'s isc",
                          choices=SALIENCIES, group=MIXED)
-    update: str = _opt("obs", "weight update: SparseGPT's sweep (obs) or least squares on the mask by ADMM",
+    update: str = _opt("auto", "weight update: least squares on the mask by ADMM (admm), SparseGPT's sweep (obs), "
+                               "or auto (default: admm for N:M patterns, obs for unstructured)",
                        choices=UPDATES, group=MIXED)
-    refine_steps: int = _opt(40, "ADMM iterations (default 40)", group=MIXED)
+    refine_steps: int = _opt(REFINE_STEPS, f"ADMM iterations (default {REFINE_STEPS})", group=MIXED)
     admm_mask: str = _opt("gradual", "ADMM: choose the mask gradually during the iterations (default) or keep the "
                                      "sweep's", choices=ADMM_MASKS, group=MIXED)
+    reconstruct_steps: int = _opt(0, "after each block's layers are compressed, tune its kept weights (with --bits, its "
+                                     "group scales) for N Adam steps so that its outputs match the dense block's "
+                                     "(default 0: off)", metavar="N", group=MIXED)
+    reconstruct_lr: float = _opt(RECONSTRUCT_LR, f"reconstruction step size, relative to each layer's mean |weight| "
+                                                 f"or to its scales (default {RECONSTRUCT_LR:g})", group=MIXED)
+    reconstruct_batch: int = _opt(8, "calibration windows per reconstruction step (default 8)", group=MIXED)
     quant_order: str = _opt("after-mask", "with --bits and pruning: choose the mask first, then quantize on it in a "
                                           "second sweep (after-mask, default), or mask and quantize in one sweep "
                                           "(joint)", choices=QUANT_ORDERS)
@@ -191,6 +201,7 @@ class SparseGPTConfig:
         self._validate_numbers()
         self._validate_choices()
         self._validate_mixed()
+        self._validate_reconstruct()
 
     def _validate_pattern(self) -> None:
         n, m = parse_pattern(self.pattern)
@@ -283,6 +294,16 @@ class SparseGPTConfig:
             raise ConfigError("mix_fraction: set mix_pattern too (e.g. '4:8')")
         if self.update == "admm" and self.pattern == "dense":
             raise ConfigError("update: 'admm' solves the weights on a pruning mask; pattern 'dense' prunes nothing")
+
+    def _validate_reconstruct(self) -> None:
+        for name in ("reconstruct_steps", "reconstruct_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "reconstruct_steps" else 1):
+                raise ConfigError(f"{name}: {v!r} must be an integer >= {0 if name == 'reconstruct_steps' else 1}")
+        if not isinstance(self.reconstruct_lr, (int, float)) or not self.reconstruct_lr > 0:
+            raise ConfigError(f"reconstruct_lr: {self.reconstruct_lr!r} must be a positive number")
+        if self.reconstruct_steps and self.pattern == "dense" and not self.bits:
+            raise ConfigError("reconstruct_steps: pattern 'dense' without --bits compresses nothing to reconstruct")
 
     # ------------------------------------------------------------------ derived
     @property

@@ -28,8 +28,8 @@ from ..anatomy import block_linears, find_blocks, is_selected
 from ..config import ConfigError, SparseGPTConfig
 from ..records import CompressionResult
 from ..solver import group_windows
-from . import checkpoint
-from .blockrun import run_block
+from . import checkpoint, reconstruct
+from .blockrun import forward_only, run_block
 from .capture import capture_block_inputs, shared_input_groups
 from .layers import solve_one
 from .per_block import per_block_kwargs
@@ -107,7 +107,7 @@ def start(model: nn.Module, calib: torch.Tensor, config: SparseGPTConfig, device
     local = distmod.shard(calib, d, group)
     batch = _batch_size(model, blocks, local, config, device, store)
     scale_dtype = resolve_scale_dtype(config, next(model.parameters()).dtype)
-    state = RunState(config=config, device=device, path=path, blocks=blocks, opts=solve_options(config, scale_dtype),
+    state = RunState(config=config, device=device, path=path, blocks=blocks, opts=solve_options(config, scale_dtype, device),
                      scale_dtype=scale_dtype, hdtype=torch.float64 if config.hessian_dtype == "float64" else torch.float32,
                      plan={}, dist=d, store=store, ckpt=Path(checkpoint_dir) if checkpoint_dir else None,
                      run_key=run_key(config, calib, model_name, len(blocks), d.world if d else 1), model_name=model_name,
@@ -243,6 +243,8 @@ def compress_block(state: RunState, bi: int, chunks: list, spill: bool, smoothed
     probe = (chunks[0][0].to(device), chunks[0][1])
     groups = shared_input_groups(block, probe, todo) if todo else []
     del probe
+    targets = (reconstruct.dense_targets(block, _OnDevice(chunks, device) if spill else chunks, device, spill)
+               if config.reconstruct_steps and todo else None)
     # chunks stay paused mid-forward (one forward per block) unless only one chunk's activations may be alive
     outs = run_block(state, block, todo, groups, chunks, keep_paused=not spill and state.store is None,
                      device=device if spill else None)
@@ -250,6 +252,11 @@ def compress_block(state: RunState, bi: int, chunks: list, spill: bool, smoothed
     work = _OnDevice(chunks, device) if spill else chunks
     if moe.compress_block_experts(block, f"{state.path}.{bi}", work, state.experts):
         outs = moe.block_outputs(block, work, to_cpu=spill)
+    if targets is not None:
+        state.reconstructed.append(reconstruct.reconstruct(state, bi, block, chunks, targets))
+        del targets
+        outs = forward_only(block, chunks, device if spill else None)
+        outs = [o.cpu() for o in outs] if spill else outs
     chunks = [(o.cpu() if spill else o, kw) for o, (_, kw) in zip(outs, chunks)]
     if state.store is None:
         block.to(orig_device)

@@ -39,8 +39,11 @@ def build_report(state: RunState, *, nsamples: int, seqlen: int, batch: int, spi
             report["smoothing"]["lm_head_alpha"] = config.lm_head_smoothing
     if plan["method"]:
         report["allocation"] = {k: plan.get(k) for k in ("method", "sensitivity", "cache", "notes", "dense", "mixed")}
-    if config.update == "admm":
-        done = [r for r in rows if "admm_rel_error" in r]
+    if state.reconstructed:
+        report["reconstruction"] = {"steps": state.config.reconstruct_steps, "lr": state.config.reconstruct_lr,
+                                    "batch": state.config.reconstruct_batch, "blocks": state.reconstructed}
+    done = [r for r in rows if "admm_error_reduction" in r]
+    if done:
         report["summary"]["admm_error_reduction_mean"] = (
             sum(r["admm_error_reduction"] for r in done) / len(done)) if done else 0.0
     return report

@@ -60,12 +60,15 @@ def hash_tensor(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def solve_options(config: SparseGPTConfig, scale_dtype: torch.dtype) -> SolveOptions:
+def solve_options(config: SparseGPTConfig, scale_dtype: torch.dtype, device: Any = "cpu") -> SolveOptions:
+    """The solver's settings; on the CPU, ADMM's row slices take the process's threads (one each: the result does
+    not depend on their number)."""
     quant = QuantSpec(config.bits, config.group_size, config.sym, scale_dtype, config.clip_search) if config.bits else None
     return SolveOptions(quant=quant, update=config.update, quant_order=config.quant_order, saliency=config.saliency,
                         blocksize=config.blocksize, mask_blocksize=config.mask_blocksize, damp=config.damp,
                         fit_scales_to_kept=config.fit_scales_to_kept, refit_scales=config.refit_scales,
-                        refine_steps=config.refine_steps, admm_mask=config.admm_mask)
+                        refine_steps=config.refine_steps, admm_mask=config.admm_mask,
+                        workers=torch.get_num_threads() if torch.device(device).type == "cpu" else 1)
 
 
 class Progress:
@@ -118,6 +121,7 @@ class RunState:
     bar: Any = None
     records: dict[str, LayerRecord] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
+    reconstructed: list[dict] = field(default_factory=list)  # per block, with --reconstruct-steps
     prof: dict[str, float] = field(default_factory=lambda: {
         "capture_s": 0.0, "hessian_s": 0.0, "solve_s": 0.0, "block_forward_s": 0.0, "checkpoint_s": 0.0})
 

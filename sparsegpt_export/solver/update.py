@@ -2,8 +2,10 @@
 
 - ``obs``: SparseGPT's sweep (`solver.obs`). With quantization and ``quant_order="after-mask"`` the mask and the
   OBS update come first, unquantized; a second sweep then quantizes the kept weights on that fixed mask.
-- ``admm``: least squares on the mask by ADMM (`solver.admm`), the SparseGPT sweep as its reference; with
-  quantization a sweep then quantizes the ADMM weights with the mask fixed.
+- ``admm``: least squares on the mask by ADMM (`solver.admm`), the mask chosen during the iterations (or the
+  SparseGPT sweep's mask, its weights the starting point); with quantization a sweep then quantizes the ADMM
+  weights with the mask fixed.
+- ``auto`` (the default): ``admm`` for N:M patterns, ``obs`` for unstructured ones.
 
 A new strategy is one class with ``solve(W, H, task, options, name, measure)`` registered in ``UPDATES``.
 """
@@ -44,7 +46,17 @@ class SolveOptions:
     refit_scales: bool = True
     refine_steps: int = 40
     admm_mask: str = "gradual"
+    workers: int = field(default=1, compare=False)  # threads for row slices (ADMM); the result does not depend on it
     extra: dict = field(default_factory=dict, compare=False)
+
+    def update_for(self, task: LayerTask) -> str:
+        """The update this layer takes: a layer that is not pruned always takes the sweep (quantization alone is
+        GPTQ); ``auto`` is ADMM for N:M masks and the sweep for unstructured ones."""
+        if not task.prune:
+            return "obs"
+        if self.update == "auto":
+            return "admm" if task.n else "obs"
+        return self.update
 
     def sweep_kwargs(self, name: str) -> dict[str, Any]:
         return dict(quant=self.quant, blocksize=self.blocksize, mask_blocksize=self.mask_blocksize, damp=self.damp,
@@ -73,27 +85,33 @@ class ObsUpdate:
 
 
 class AdmmUpdate:
-    """Least squares on the mask by ADMM, measured against the SparseGPT sweep it starts from."""
+    """Least squares on the mask by ADMM: the mask chosen gradually during the iterations, or (``admm_mask="obs"``)
+    the SparseGPT sweep's mask with its weights as the starting point (never worse than them)."""
 
     def solve(self, W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOptions, name: str,
               measure: bool = True) -> tuple[SolveResult, dict]:
         common = opts.sweep_kwargs(name)
-        # the SparseGPT sweep (unquantized) is the reference, and the fixed mask when admm_mask is "obs"
-        obs = sparsegpt_solve(W, H, sparsity=task.sparsity, n=task.n, m=task.m, saliency=opts.saliency,
-                              **{**common, "quant": None, "refit_scales": False})
         steps = opts.refine_steps
+        obs, extra = None, {}
+        if opts.admm_mask == "obs":
+            obs = sparsegpt_solve(W, H, sparsity=task.sparsity, n=task.n, m=task.m, saliency=opts.saliency,
+                                  measure=measure, **{**common, "quant": None, "refit_scales": False})
         Wa, mask = admm_prune(W, H, sparsity=task.sparsity, n=task.n, m=task.m, iters=steps, damp=opts.damp,
-                              mask_steps=max(1, (3 * steps) // 4), name=name,
-                              mask=obs.mask if opts.admm_mask == "obs" else None)
-        admm_err = layer_error(Wa, W.float(), H)
-        extra = {"obs_rel_error": obs.rel_error, "admm_rel_error": admm_err,
-                 "admm_error_reduction": (1.0 - admm_err / obs.rel_error) if obs.rel_error > 0 else 0.0}
+                              mask_steps=max(1, (3 * steps) // 4), name=name, workers=opts.workers,
+                              mask=None if obs is None else obs.mask, init=None if obs is None else obs.weight)
+        admm_err = layer_error(Wa, W.float(), H) if measure else 0.0
+        if measure:
+            extra["admm_rel_error"] = admm_err
+        if obs is not None and measure:
+            extra.update(obs_rel_error=obs.rel_error,
+                         admm_error_reduction=(1.0 - admm_err / obs.rel_error) if obs.rel_error > 0 else 0.0)
         if opts.quant is not None:
-            res = sparsegpt_solve(Wa, H, mask=mask, **common)
-            res.rel_error = layer_error(res.weight, W.float(), H)
+            res = sparsegpt_solve(Wa, H, mask=mask, measure=False, **common)
+            if measure:
+                res.rel_error = layer_error(res.weight, W.float(), H)
         else:
-            res = SolveResult(weight=Wa, mask=mask, damp=obs.damp, damp_escalations=obs.damp_escalations,
-                              rel_error=admm_err, dead_inputs=obs.dead_inputs)
+            res = SolveResult(weight=Wa, mask=mask, rel_error=admm_err, dead_inputs=int((torch.diag(H) <= 0).sum()))
+        res.damp = opts.damp
         return res, extra
 
 
@@ -103,17 +121,12 @@ UPDATES = {"obs": ObsUpdate(), "admm": AdmmUpdate()}
 def solve_layer(W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOptions, *, name: str = "",
                 measure: bool = True) -> tuple[SolveResult, dict]:
     """The compressed weight of one matrix (or of stacked matrices sharing ``H``) and the update's extra report
-    fields. A layer that is not pruned always takes the sweep (quantization alone is GPTQ)."""
-    update = UPDATES[opts.update] if task.prune else UPDATES["obs"]
-    return update.solve(W, H, task, opts, name, measure)
+    fields (`SolveOptions.update_for` picks the update)."""
+    return UPDATES[opts.update_for(task)].solve(W, H, task, opts, name, measure)
 
 
 def row_separable(opts: SolveOptions, tasks: list[LayerTask]) -> bool:
-    """Whether solving these layers is row by row (N:M masks, or no pruning, with the OBS sweep): then a share of
+    """Whether solving these layers is row by row (N:M masks, or no pruning, with either update): then a share of
     the rows solved alone gives what the whole matrix's solve gives those rows. Unstructured masks rank the
-    weights of all rows together, and ADMM's gradual mask does too."""
-    if not any(t.prune for t in tasks):
-        return True
-    if opts.update != "obs":
-        return False
+    weights of all rows together."""
     return all(not t.prune or t.n > 0 for t in tasks)
