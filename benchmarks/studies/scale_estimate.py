@@ -19,8 +19,10 @@ group's Hessian is all-reduced in float64 (ring, at an assumed 150 GB/s per GPU)
 The N-rank rows are then corrected by what several ranks MEASURED (issue #28): ``split_invariance.json``
 (``benchmarks/studies/split_invariance.py``: SmolLM2, one process against ``torchrun`` with 2 processes, each with
 its per-rank profile) gives, per kind of work, the speedup of the busiest rank over one process; divided by the
-speedup this work model predicts for the same shapes and 2 ranks, that is the measured parallel efficiency (capped
-at 1), applied to the 8-rank row as ``time / efficiency`` for each kind.
+speedup expected on the same 2 cores, that is the measured parallel efficiency (capped at 1), applied to the
+8-rank row as ``time / efficiency`` for each kind. Expected: for the solves, which one process runs on one thread
+and each rank on its own core, the speedup this work model predicts for the shapes and 2 ranks; for the Hessians
+and the block forwards, which one process already runs on both cores, 1x.
 
     python -m benchmarks.studies.scale_estimate [--scale benchmarks/results/scale.json]
         [--ranks benchmarks/results/split_invariance.json] [--out benchmarks/results]
@@ -186,11 +188,11 @@ def rank_efficiency(path: Path) -> tuple[dict, list[str]]:
     shapes = {g: [(r, c) for _, r, c, gg in layers if gg == g] for g in groups}
     predicted = {"solve": sum(group_critical_path(shapes[g], 1) for g in groups)
                  / sum(group_critical_path(shapes[g], 2) for g in groups),
-                 "hessian": 2.0, "forward": 2.0}
+                 "hessian": 1.0, "forward": 1.0}  # one process already uses both cores for these
     keys = {"solve": "solve_s", "hessian": "hessian_s", "forward": "block_forward_s"}
     eff, lines = {}, ["", f"Measured on 2 ranks (`{path.name}`: SmolLM2, one process against torchrun with 2 "
                           "processes on this machine's 2 cores; busiest rank per kind of work):", "",
-                      "| work | one process s | busiest rank s | measured speedup | model's speedup | efficiency used |",
+                      "| work | one process s | busiest rank s | measured speedup | expected speedup | efficiency used |",
                       "|---|---|---|---|---|---|"]
     for kind, key in keys.items():
         t1 = one["profile"][key]

@@ -29,7 +29,7 @@ from ..config import ConfigError, SparseGPTConfig
 from ..records import CompressionResult
 from ..solver import group_windows
 from . import checkpoint, reconstruct
-from .blockrun import forward_only, run_block
+from .blockrun import run_block
 from .capture import capture_block_inputs, shared_input_groups
 from .layers import solve_one
 from .per_block import per_block_kwargs
@@ -253,10 +253,9 @@ def compress_block(state: RunState, bi: int, chunks: list, spill: bool, smoothed
     if moe.compress_block_experts(block, f"{state.path}.{bi}", work, state.experts):
         outs = moe.block_outputs(block, work, to_cpu=spill)
     if targets is not None:
-        state.reconstructed.append(reconstruct.reconstruct(state, bi, block, chunks, targets))
+        entry, outs = reconstruct.reconstruct(state, bi, block, chunks, targets, outs, spill)
+        state.reconstructed.append(entry)
         del targets
-        outs = forward_only(block, chunks, device if spill else None)
-        outs = [o.cpu() for o in outs] if spill else outs
     chunks = [(o.cpu() if spill else o, kw) for o, (_, kw) in zip(outs, chunks)]
     if state.store is None:
         block.to(orig_device)

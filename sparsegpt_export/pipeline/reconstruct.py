@@ -23,6 +23,7 @@ from torch.func import functional_call
 from ..anatomy import first_hidden, get_weight, set_weight
 from ..config import ConfigError
 from ..solver import expand_groups
+from .blockrun import forward_only
 
 
 @dataclass
@@ -180,15 +181,13 @@ def _adam(block, layers, chunks, targets, *, steps, lr, batch, seed, device, red
     return losses
 
 
-def block_error(block: nn.Module, chunks, targets, device) -> float:
-    """The block's relative output error against ``targets`` over all ``chunks`` (its current weights)."""
+def output_error(outs, targets) -> float:
+    """Relative error ``sum ||out - target||^2 / sum ||target||^2`` over the chunks."""
     num = den = 0.0
-    with torch.no_grad():
-        for (hs, kw), tg in zip(chunks, targets):
-            out = first_hidden(block(hs.to(device), **kw)).float()
-            t = tg.to(device).float()
-            num += float((out - t).pow(2).sum())
-            den += float(t.pow(2).sum())
+    for o, t in zip(outs, targets):
+        t = t.float()
+        num += float((o.to(t.device).float() - t).pow(2).sum())
+        den += float(t.pow(2).sum())
     return num / den if den > 0 else 0.0
 
 
@@ -202,26 +201,29 @@ def dense_targets(block: nn.Module, chunks, device, to_cpu: bool) -> list[torch.
     return outs
 
 
-def reconstruct(state: Any, bi: int, block: nn.Module, chunks, targets) -> dict:
-    """Tune block ``bi`` (its layers already compressed and recorded) toward ``targets``; the records' scales are
-    updated. Returns the block's report entry."""
+def reconstruct(state: Any, bi: int, block: nn.Module, chunks, targets, outs: list, spill: bool) -> tuple[dict, list]:
+    """Tune block ``bi`` (its layers already compressed and recorded; ``outs`` its outputs) toward ``targets``; the
+    records' scales are updated. Returns the block's report entry and its new outputs."""
     config = state.config
     prefix = f"{state.path}.{bi}"
     layers = tuned_layers(block, prefix, state.records, state.scale_dtype)
     if not layers:
-        return {"block": bi, "layers": 0}
+        return {"block": bi, "layers": 0}, outs
     reduce = None
     if state.dist is not None:
         from .. import distributed as distmod
 
         def reduce(g, d=state.dist):
             g.copy_(distmod.all_reduce_sum(d, g) / d.world)
-    before = block_error(block, chunks, targets, state.device)
+    before = output_error(outs, targets)
+    del outs
     stats = tune_block(block, layers, chunks, targets, steps=config.reconstruct_steps, lr=config.reconstruct_lr,
                        batch=config.reconstruct_batch, seed=config.seed * 1_000_003 + bi, device=state.device,
                        scale_dtype=state.scale_dtype, where=prefix, reduce=reduce)
     for name, s in stats.pop("scales").items():
         state.records[name].scales = s.to(state.scale_dtype).cpu()
-    after = block_error(block, chunks, targets, state.device)
+    outs = forward_only(block, chunks, state.device if spill else None)
+    outs = [o.cpu() for o in outs] if spill else outs
     state.time("reconstruct_s", stats["seconds"])
-    return {"block": bi, "layers": len(layers), "error_before": before, "error_after": after, **stats}
+    return {"block": bi, "layers": len(layers), "error_before": before, "error_after": output_error(outs, targets),
+            **stats}, outs
