@@ -43,8 +43,8 @@ METHODS = ("hutchinson", "fisher", "obd", "proxy")
 SALIENCIES = ("obs", "isc")
 UPDATES = ("auto", "obs", "admm")
 ADMM_MASKS = ("gradual", "obs")
-REFINE_STEPS = 24
-RECONSTRUCT_LR = 1e-3  # ADMM iterations: benchmarks/results/admm_speed.md
+REFINE_STEPS = 32  # ADMM iterations (benchmarks/results/best_quality.md)
+RECONSTRUCT_LR = 3e-3  # relative step size of the reconstruction (same file)
 MIXED = "mixed sparsity and the weight update"
 
 
@@ -160,7 +160,7 @@ class SparseGPTConfig:
                                      "(default 0: off)", metavar="N", group=MIXED)
     reconstruct_lr: float = _opt(RECONSTRUCT_LR, f"reconstruction step size, relative to each layer's mean |weight| "
                                                  f"or to its scales (default {RECONSTRUCT_LR:g})", group=MIXED)
-    reconstruct_batch: int = _opt(8, "calibration windows per reconstruction step (default 8)", group=MIXED)
+    reconstruct_batch: int = _opt(4, "calibration windows per reconstruction step (default 4)", group=MIXED)
     quant_order: str = _opt("after-mask", "with --bits and pruning: choose the mask first, then quantize on it in a "
                                           "second sweep (after-mask, default), or mask and quantize in one sweep "
                                           "(joint)", choices=QUANT_ORDERS)
