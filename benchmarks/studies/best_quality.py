@@ -30,14 +30,14 @@ W4 = ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym"]
 P24 = ["--pattern", "2:4", "--bits", "none"]
 ROWS = {
     "dense": None,
-    "obs, 2:4+w4": [*W4, "--update", "obs"],
-    "default (new ADMM), 2:4+w4": W4,
-    "obs, 2:4": [*P24, "--update", "obs"],
-    "default (new ADMM), 2:4": P24,
-    "reconstruct-64, 2:4": [*P24, "--reconstruct-steps", "64"],
-    "reconstruct-64, 2:4+w4": [*W4, "--reconstruct-steps", "64"],
-    "reconstruct-32, 2:4": [*P24, "--reconstruct-steps", "32"],
-    "admm-40 (as before), 2:4+w4": [*W4, "--update", "admm", "--refine-steps", "40"],
+    "obs / 2:4+w4": [*W4, "--update", "obs"],
+    "default (new ADMM) / 2:4+w4": W4,
+    "obs / 2:4": [*P24, "--update", "obs"],
+    "default (new ADMM) / 2:4": P24,
+    "reconstruct-64 / 2:4": [*P24, "--reconstruct-steps", "64"],
+    "reconstruct-64 / 2:4+w4": [*W4, "--reconstruct-steps", "64"],
+    "reconstruct-32 / 2:4": [*P24, "--reconstruct-steps", "32"],
+    "admm-40 (as before) / 2:4+w4": [*W4, "--update", "admm", "--refine-steps", "40"],
 }
 NAME = "best_quality"
 
@@ -46,13 +46,13 @@ def write_tables(results: dict, out: Path) -> None:
     (out / f"{NAME}.json").write_text(json.dumps(results, indent=2) + "\n")
     rows = results["rows"]
     dense = rows.get("dense")
-    base = {"2:4+w4": rows.get("obs, 2:4+w4"), "2:4": rows.get("obs, 2:4")}
+    base = {"2:4+w4": rows.get("obs / 2:4+w4"), "2:4": rows.get("obs / 2:4")}
     lines = ["| variant | WikiText-2 ppl | x dense | C4 ppl | x dense | compress wall s | x obs wall | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         xw = f"{r['wikitext2_ppl'] / dense['wikitext2_ppl']:.2f}" if dense else "-"
         xc = f"{r['c4_ppl'] / dense['c4_ppl']:.2f}" if dense else "-"
-        ref = base.get(name.rsplit(", ", 1)[-1])
+        ref = base.get(name.rsplit(" / ", 1)[-1])
         xo = f"{r['wall_s'] / ref['wall_s']:.2f}" if ref and "wall_s" in r else "-"
         lines.append(f"| {name} | {r['wikitext2_ppl']:.2f} | {xw} | {r['c4_ppl']:.2f} | {xc} | "
                      f"{r.get('wall_s', '-')} | {xo} | {r.get('peak_rss_mb', '-')} |")
