@@ -22,6 +22,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -44,14 +45,33 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
            overwrite: bool = False) -> Path:
     """Write the 4-bit symmetric compress output ``src`` to ``out`` as compressed-tensors ``pack-quantized``."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.compressors.pack_quantized import pack_to_int32
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
     from safetensors.torch import save_file
 
     src = Path(src)
     config = read_config(src)
     dt = resolve_dtype(config, dtype)
     records = {k: r for k, r in load_records(src).items() if r.bits}
+    g, g_out = _check_records(src, records, dt)
+    tensors = read_checkpoint(src)
+    packed, layers = _pack_layers(src, records, tensors, g, g_out, dt)
+    packed.update({k: cast(v, dt) for k, v in tensors.items()})
+    qcfg = _quantization_config(records, g_out)
+    config.pop("quantization_config", None)
+    with atomic_dir(out, overwrite) as tmp:
+        save_file(packed, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_config(config, tmp, dt)
+        ModelCompressor(quantization_config=qcfg).update_config(str(tmp))
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["quantization_config"]["sparsity_config"] = {}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / SPARSITY_FILE).write_text(json.dumps(_sidecar(records, layers, g, g_out), indent=1) + "\n")
+        copy_side_files(src, tmp)
+    return Path(out)
+
+
+def _check_records(src: Path, records: dict, dt: torch.dtype) -> tuple[Optional[int], Optional[int]]:
+    """What this format can hold, checked layer by layer: ``(group size, group size written)`` (the written one
+    divides every layer's columns)."""
     if not records:
         raise _fail(src, "no 4-bit layers (compress with --bits 4)")
     for name, rec in records.items():
@@ -73,9 +93,13 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
         raise _fail(src, f"layers use different group sizes {sorted(groups, key=str)}")
     g = groups.pop()
     cols = [r.shape[1] for r in records.values()]
-    g_out = g if g is None or all(c % g == 0 for c in cols) else math.gcd(g, *cols)
+    return g, (g if g is None or all(c % g == 0 for c in cols) else math.gcd(g, *cols))
 
-    tensors = read_checkpoint(src)
+
+def _pack_layers(src: Path, records: dict, tensors: dict, g, g_out, dt) -> tuple[dict, dict]:
+    """Each layer's packed int4 codes, scales, shape (and bias), popped from ``tensors``; and its sidecar entry."""
+    from compressed_tensors.compressors.pack_quantized import pack_to_int32
+
     packed: dict[str, torch.Tensor] = {}
     layers = {}
     for name, rec in records.items():
@@ -99,20 +123,26 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
             packed[f"{name}.bias"] = cast(tensors.pop(f"{name}.bias"), dt)
         layers[name] = {"pattern": rec.pattern, "sparsity": round(rec.sparsity, 6),
                         "zero_fraction": round(float((w == 0).float().mean()), 6)}
-    packed.update({k: cast(v, dt) for k, v in tensors.items()})
+    return packed, layers
+
+
+def _quantization_config(records: dict, g_out):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=4, type="int", symmetric=True, dynamic=False,
                                **({"strategy": "group", "group_size": g_out} if g_out else {"strategy": "channel"}))
     targets = ["re:^(" + "|".join(n.replace(".", r"\.") for n in sorted(records)) + ")$"]
-    qcfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=targets, weights=weights)},
+    return QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=targets, weights=weights)},
                               format="pack-quantized", quantization_status="compressed",
                               ignore=[] if "lm_head" in records else ["lm_head"])  # --quantize-lm-head: W4A16 too
-    config.pop("quantization_config", None)
+
+
+def _sidecar(records: dict, layers: dict, g, g_out) -> dict:
     numel = sum(r.shape[0] * r.shape[1] for r in records.values())
     pruned = sum(r.sparsity * r.shape[0] * r.shape[1] for r in records.values())
     zeros = sum(layers[n]["zero_fraction"] * r.shape[0] * r.shape[1] for n, r in records.items())
     patterns = sorted({r.pattern for r in records.values()})
-    sidecar = {
+    return {
         "pattern": patterns[0] if len(patterns) == 1 else patterns, "sparsity": round(pruned / numel, 6),
         "zero_fraction": round(zeros / numel, 6),
         "bits": 4, "group_size": g, "group_size_written": g_out, "sym": True, "layers": layers,
@@ -120,13 +150,3 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: str | torch.dt
                 "quantized to 0. The sparsity is not declared in quantization_config.sparsity_config (a non-empty one breaks "
                 "current vLLM); the zeros are stored as int4 codes",
     }
-    with atomic_dir(out, overwrite) as tmp:
-        save_file(packed, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        write_config(config, tmp, dt)
-        ModelCompressor(quantization_config=qcfg).update_config(str(tmp))
-        cfg = json.loads((tmp / "config.json").read_text())
-        cfg["quantization_config"]["sparsity_config"] = {}
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        (tmp / SPARSITY_FILE).write_text(json.dumps(sidecar, indent=1) + "\n")
-        copy_side_files(src, tmp)
-    return Path(out)

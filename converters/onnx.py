@@ -332,72 +332,88 @@ def _build_gqa(model, layers: dict[str, dict], onnx_quant: str, accuracy_level: 
     point choice, or all float, are packed into one MatMulNBits (rows stacked: codes and scales unchanged) or one
     MatMul, and split after it (the packed q/k/v goes into GroupQueryAttention unsplit): fewer, larger matmuls and
     fewer nodes per decode step."""
-    import onnx_ir as ir
+    linears = _GqaLinears(layers, onnx_quant, accuracy_level)
+    program = onnx_gqa.build(model, linears, opset=max(opset or 21, 21 if onnx_quant == "qdq" else 17))
+    missing = sorted(set(layers) - linears.written)
+    if missing:
+        raise OnnxExportError(f"layer {missing[0]}: compressed but not part of the gqa graph ({len(missing)} such layers)")
+    return program, linears.nbytes
 
-    nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
-    qdq = onnx_quant == "qdq"
-    written: set[str] = set()
 
-    def tensors(name: str):
-        spec = layers[name]
-        return matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
+class _GqaLinears:
+    """The gqa builder's ``linear(g, items, x, split)``: the nodes of one linear layer, or of layers sharing an
+    input packed into one; it counts the bytes written and remembers which layers it wrote."""
 
-    def linear(g, items: list, x, split: bool = True) -> list:
+    def __init__(self, layers: dict[str, dict], onnx_quant: str, accuracy_level: int):
+        self.layers, self.onnx_quant, self.accuracy_level = layers, onnx_quant, accuracy_level
+        self.nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
+        self.written: set[str] = set()
+
+    def __call__(self, g, items: list, x, split: bool = True) -> list:
         names = [n for n, _ in items]
-        biases = [getattr(m, "bias", None) for _, m in items]
-        outputs = [int(m.weight.shape[0]) for _, m in items]
-        quantized = [n in layers for n in names]
-        packed = None
-        if len(items) > 1 and all(quantized) and onnx_quant == "matmulnbits":
-            parts = [tensors(n) for n in names]
-            if all(a == parts[0][1] | {"N": a["N"]} and t.keys() == parts[0][0].keys() for t, a in parts):
-                packed = parts
-        elif len(items) > 1 and not any(quantized):
-            packed = "float"
+        quantized = [n in self.layers for n in names]
+        packed = self._packing(names, quantized) if len(items) > 1 else None
         if packed is None and len(items) > 1:  # mixed kinds or block sizes: one matmul per layer
-            return [y for item in items for y in linear(g, [item], x)]
+            return [y for item in items for y in self(g, [item], x)]
         label = names[0] if len(items) == 1 else names[0].rsplit(".", 1)[0] + "." + "_".join(
             n.rsplit(".", 1)[1].removesuffix("_proj") for n in names) + "_proj"
         if packed == "float" or not quantized[0]:
             w = np.concatenate([m.weight.detach().float().t().numpy() for _, m in items], axis=1)
             y = g.op("MatMul", [x, g.initializer(f"{label}.weight_t", np.ascontiguousarray(w))], f"{label}/MatMul")
         else:
-            def init(suffix: str, array):
-                value = g.initializer(f"{label}.{suffix}", array)
-                nbytes["compressed_initializer_bytes"] += value.const_value.nbytes
-                return value
-
-            if packed is None:
-                nodes, y = quant_linear_nodes(label, x, layers[label], onnx_quant, accuracy_level, init)
-            else:
-                t = {k: np.concatenate([p[0][k] for p in packed], axis=0) for k in packed[0][0]}
-                attrs = packed[0][1] | {"N": sum(outputs), "accuracy_level": int(accuracy_level)}
-                inputs = [x, init("qweight", t["B"]), init("scales", t["scales"])]
-                if "zero_points" in t:
-                    inputs.append(init("zero_points", t["zero_points"]))
-                nodes = [ir.node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft",
-                                 name=f"{label}/MatMulNBits")]
-                y = nodes[0].outputs[0]
-            for node in nodes:
-                for j, out in enumerate(node.outputs):
-                    out.name = f"{node.name}_out{j}"
-            g.nodes.extend(nodes)
-            nbytes["compressed_float32_bytes"] += sum(4 * layers[n]["codes"].numel() for n in names)
+            y = self._quantized(g, label, names, packed, x)
+        outputs = [int(m.weight.shape[0]) for _, m in items]
+        biases = [getattr(m, "bias", None) for _, m in items]
         if any(b is not None for b in biases):
             b = np.concatenate([(b.detach().float().numpy() if b is not None else np.zeros(o, np.float32))
                                 for b, o in zip(biases, outputs)])
             y = g.op("Add", [y, g.initializer(f"{label}.bias", b)], f"{label}/Add")
-        written.update(names)
+        self.written.update(names)
         if len(items) == 1 or not split:
             return [y]
         sizes = g.const(f"{label}.split", np.array(outputs, np.int64))
         return g.op("Split", [y, sizes], f"{label}/Split", num_outputs=len(items), axis=-1)
 
-    program = onnx_gqa.build(model, linear, opset=max(opset or 21, 21 if qdq else 17))
-    missing = sorted(set(layers) - written)
-    if missing:
-        raise OnnxExportError(f"layer {missing[0]}: compressed but not part of the gqa graph ({len(missing)} such layers)")
-    return program, nbytes
+    def _tensors(self, name: str):
+        spec = self.layers[name]
+        return matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
+
+    def _packing(self, names: list[str], quantized: list[bool]):
+        """How several layers go into one matmul: their MatMulNBits tensors, ``"float"``, or None (they cannot)."""
+        if all(quantized) and self.onnx_quant == "matmulnbits":
+            parts = [self._tensors(n) for n in names]
+            if all(a == parts[0][1] | {"N": a["N"]} and t.keys() == parts[0][0].keys() for t, a in parts):
+                return parts
+            return None
+        return "float" if not any(quantized) else None
+
+    def _init(self, g, name: str, array):
+        value = g.initializer(name, array)
+        self.nbytes["compressed_initializer_bytes"] += value.const_value.nbytes
+        return value
+
+    def _quantized(self, g, label: str, names: list[str], packed, x):
+        """One layer's quantized nodes, or several layers' rows stacked into one MatMulNBits."""
+        import onnx_ir as ir
+
+        init = lambda suffix, array: self._init(g, f"{label}.{suffix}", array)  # noqa: E731
+        if packed is None:
+            nodes, y = quant_linear_nodes(label, x, self.layers[label], self.onnx_quant, self.accuracy_level, init)
+        else:
+            t = {k: np.concatenate([p[0][k] for p in packed], axis=0) for k in packed[0][0]}
+            attrs = packed[0][1] | {"N": sum(int(p[1]["N"]) for p in packed), "accuracy_level": int(self.accuracy_level)}
+            inputs = [x, init("qweight", t["B"]), init("scales", t["scales"])]
+            if "zero_points" in t:
+                inputs.append(init("zero_points", t["zero_points"]))
+            nodes = [ir.node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft",
+                             name=f"{label}/MatMulNBits")]
+            y = nodes[0].outputs[0]
+        for node in nodes:
+            for j, out in enumerate(node.outputs):
+                out.name = f"{node.name}_out{j}"
+        g.nodes.extend(nodes)
+        self.nbytes["compressed_float32_bytes"] += sum(4 * self.layers[n]["codes"].numel() for n in names)
+        return y
 
 
 _CACHE_NAME = re.compile(r"^(?:input\.|output\.)?(?:past_key_values|cache|present)\.layers\.(\d+)\.(keys|values)$")
@@ -465,57 +481,17 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
     from transformers import AutoModelForCausalLM
 
     src = Path(src)
-    if onnx_graph not in ONNX_GRAPH:
-        raise OnnxExportError(f"--onnx-graph {onnx_graph!r}: choose one of {', '.join(ONNX_GRAPH)}")
-    if onnx_quant not in ONNX_QUANT:
-        raise OnnxExportError(f"--onnx-quant {onnx_quant!r}: choose one of {', '.join(ONNX_QUANT)}")
-    if dtype not in (None, "float32", torch.float32):
-        raise OnnxExportError(f"--dtype {dtype}: the ONNX export writes a float32 graph (its 4-bit layers stay 4-bit)")
-    if accuracy_level != "auto" and (not isinstance(accuracy_level, int) or accuracy_level not in (0, 1, 2, 3, 4)):
-        raise OnnxExportError(f"--accuracy-level {accuracy_level!r}: MatMulNBits takes auto, 0, 1, 2, 3 or 4")
+    _check_options(onnx_graph, onnx_quant, dtype, accuracy_level)
     level_choice = "given"
     if accuracy_level == "auto":
         accuracy_level, level_choice = default_accuracy_level(src)
     hf_config = read_config(src)
     records = load_records(src)
-    quantized = {k: r for k, r in records.items() if r.bits}
-    if onnx_quant != "none":
-        if not quantized:
-            raise OnnxExportError(
-                f"{src}: no quantized layers, so there is nothing for --onnx-quant {onnx_quant} to write; compress "
-                "with --bits 4, or export the float graph with --onnx-quant none"
-            )
-        for name, rec in quantized.items():
-            if rec.bits != 4:
-                raise OnnxExportError(
-                    f"layer {name} is {rec.bits}-bit; --onnx-quant {onnx_quant} writes 4-bit layers only: compress "
-                    "with --bits 4, or export the float graph with --onnx-quant none"
-                )
-    tensors = read_checkpoint(src)
     conv1d = conv1d_modules(src, list(records))
-    layers: dict[str, dict] = {}
-    if onnx_quant != "none":
-        for name, rec in quantized.items():
-            w = tensors.get(f"{name}.weight")
-            if w is None:
-                raise OnnxExportError(f"{src}: {name}.weight is missing from the checkpoint")
-            w = w.t() if name in conv1d else w
-            if tuple(w.shape) != tuple(rec.shape):
-                raise OnnxExportError(f"layer {name}: weight of shape {tuple(w.shape)}, but the record says {tuple(rec.shape)}")
-            layers[name] = {"codes": weight_codes(name, rec, w), "scales": rec.scales,
-                            "zeros": None if rec.sym else rec.zeros, "group_size": rec.group_size}
-    del tensors
-
+    layers = _quantized_layers(src, records, conv1d, onnx_quant)
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     model.config.use_cache = True
-    reason = onnx_gqa.unsupported(model)
-    if onnx_graph == "gqa" and reason:
-        raise OnnxExportError(f"--onnx-graph gqa: {src} has {reason}; export it with --onnx-graph traced")
-    if onnx_graph == "gqa" and ort_fusions:
-        raise OnnxExportError("--ort-fusions applies to the traced graph; the gqa graph is already written with "
-                              "ONNX Runtime's fused operators (drop --ort-fusions or use --onnx-graph traced)")
-    if onnx_graph == "auto":  # the portable qdq graph and the traced fusions keep the traced graph
-        onnx_graph = "traced" if reason or onnx_quant == "qdq" or ort_fusions else "gqa"
+    onnx_graph = _graph_kind(src, model, onnx_graph, onnx_quant, ort_fusions)
     if onnx_graph == "gqa":
         program, nbytes = _build_gqa(model, layers, onnx_quant, accuracy_level, opset)
     else:
@@ -523,30 +499,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
     leftover = [n.name for n in program.graph if n.domain == MARKER_DOMAIN]
     if leftover:
         raise OnnxExportError(f"the graph still holds {len(leftover)} marker nodes ({leftover[0]})")
-
-    sg_config = load_config(src)
-    patterns = sorted({r.pattern for r in records.values()})
-    numel = sum(r.shape[0] * r.shape[1] for r in records.values() if r.pattern != "dense") or 1
-    meta = {
-        "onnx_quant": onnx_quant,
-        "onnx_graph": onnx_graph,
-        # the gqa graph rotates inside GroupQueryAttention, which takes a prompt's positions from the cache length
-        # (0, 1, ... whatever the padding) and only later steps' from position_ids: runners feed every row's
-        # absolute index, the same relative positions as transformers' for left-padded rows
-        "positions": "absolute" if onnx_graph == "gqa" else "position_ids",
-        "ort_fusions": ort_fusions,
-        "accuracy_level": accuracy_level if onnx_quant == "matmulnbits" else None,
-        "accuracy_level_choice": level_choice if onnx_quant == "matmulnbits" else None,
-        "pattern": patterns[0] if len(patterns) == 1 else patterns,
-        "sparsity": round(sum(r.sparsity * r.shape[0] * r.shape[1] for r in records.values() if r.pattern != "dense") / numel, 6),
-        "bits": sorted({r.bits for r in records.values() if r.bits}) or None,
-        "layers": {k: {"pattern": r.pattern, "sparsity": round(r.sparsity, 6), "bits": r.bits,
-                       "group_size": r.group_size, "sym": r.sym,
-                       "onnx": ("MatMulNBits" if onnx_quant == "matmulnbits" else "DequantizeLinear+MatMul")
-                       if k in layers else "MatMul (float32)"}
-                   for k, r in records.items()},
-        "config": sg_config.to_dict() if sg_config else None,
-    }
+    meta = _metadata(src, records, layers, onnx_quant, onnx_graph, ort_fusions, accuracy_level, level_choice)
     for key, value in meta.items():
         program.metadata_props[META_PREFIX + key] = json.dumps(value)
     weights = sum(v.const_value.nbytes for v in program.graph.initializers.values() if v.const_value is not None)
@@ -569,3 +522,85 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
         copy_side_files(src, tmp)
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
     return Path(out)
+
+
+def _check_options(onnx_graph: str, onnx_quant: str, dtype: Any, accuracy_level: Any) -> None:
+    if onnx_graph not in ONNX_GRAPH:
+        raise OnnxExportError(f"--onnx-graph {onnx_graph!r}: choose one of {', '.join(ONNX_GRAPH)}")
+    if onnx_quant not in ONNX_QUANT:
+        raise OnnxExportError(f"--onnx-quant {onnx_quant!r}: choose one of {', '.join(ONNX_QUANT)}")
+    if dtype not in (None, "float32", torch.float32):
+        raise OnnxExportError(f"--dtype {dtype}: the ONNX export writes a float32 graph (its 4-bit layers stay 4-bit)")
+    if accuracy_level != "auto" and (not isinstance(accuracy_level, int) or accuracy_level not in (0, 1, 2, 3, 4)):
+        raise OnnxExportError(f"--accuracy-level {accuracy_level!r}: MatMulNBits takes auto, 0, 1, 2, 3 or 4")
+
+
+def _quantized_layers(src: Path, records: dict, conv1d: set, onnx_quant: str) -> dict[str, dict]:
+    """The 4-bit layers' codes, scales and zero points (none with ``--onnx-quant none``), checked."""
+    if onnx_quant == "none":
+        return {}
+    quantized = {k: r for k, r in records.items() if r.bits}
+    if not quantized:
+        raise OnnxExportError(
+            f"{src}: no quantized layers, so there is nothing for --onnx-quant {onnx_quant} to write; compress "
+            "with --bits 4, or export the float graph with --onnx-quant none"
+        )
+    for name, rec in quantized.items():
+        if rec.bits != 4:
+            raise OnnxExportError(
+                f"layer {name} is {rec.bits}-bit; --onnx-quant {onnx_quant} writes 4-bit layers only: compress "
+                "with --bits 4, or export the float graph with --onnx-quant none"
+            )
+    tensors = read_checkpoint(src)
+    layers: dict[str, dict] = {}
+    for name, rec in quantized.items():
+        w = tensors.get(f"{name}.weight")
+        if w is None:
+            raise OnnxExportError(f"{src}: {name}.weight is missing from the checkpoint")
+        w = w.t() if name in conv1d else w
+        if tuple(w.shape) != tuple(rec.shape):
+            raise OnnxExportError(f"layer {name}: weight of shape {tuple(w.shape)}, but the record says {tuple(rec.shape)}")
+        layers[name] = {"codes": weight_codes(name, rec, w), "scales": rec.scales,
+                        "zeros": None if rec.sym else rec.zeros, "group_size": rec.group_size}
+    return layers
+
+
+def _graph_kind(src: Path, model, onnx_graph: str, onnx_quant: str, ort_fusions: Optional[str]) -> str:
+    """``gqa`` or ``traced``: ``auto`` resolved, impossible requests refused."""
+    reason = onnx_gqa.unsupported(model)
+    if onnx_graph == "gqa" and reason:
+        raise OnnxExportError(f"--onnx-graph gqa: {src} has {reason}; export it with --onnx-graph traced")
+    if onnx_graph == "gqa" and ort_fusions:
+        raise OnnxExportError("--ort-fusions applies to the traced graph; the gqa graph is already written with "
+                              "ONNX Runtime's fused operators (drop --ort-fusions or use --onnx-graph traced)")
+    if onnx_graph == "auto":  # the portable qdq graph and the traced fusions keep the traced graph
+        onnx_graph = "traced" if reason or onnx_quant == "qdq" or ort_fusions else "gqa"
+    return onnx_graph
+
+
+def _metadata(src: Path, records: dict, layers: dict, onnx_quant: str, onnx_graph: str, ort_fusions, accuracy_level,
+              level_choice: str) -> dict:
+    """The graph's metadata properties (``META_PREFIX`` + key)."""
+    sg_config = load_config(src)
+    patterns = sorted({r.pattern for r in records.values()})
+    numel = sum(r.shape[0] * r.shape[1] for r in records.values() if r.pattern != "dense") or 1
+    return {
+        "onnx_quant": onnx_quant,
+        "onnx_graph": onnx_graph,
+        # the gqa graph rotates inside GroupQueryAttention, which takes a prompt's positions from the cache length
+        # (0, 1, ... whatever the padding) and only later steps' from position_ids: runners feed every row's
+        # absolute index, the same relative positions as transformers' for left-padded rows
+        "positions": "absolute" if onnx_graph == "gqa" else "position_ids",
+        "ort_fusions": ort_fusions,
+        "accuracy_level": accuracy_level if onnx_quant == "matmulnbits" else None,
+        "accuracy_level_choice": level_choice if onnx_quant == "matmulnbits" else None,
+        "pattern": patterns[0] if len(patterns) == 1 else patterns,
+        "sparsity": round(sum(r.sparsity * r.shape[0] * r.shape[1] for r in records.values() if r.pattern != "dense") / numel, 6),
+        "bits": sorted({r.bits for r in records.values() if r.bits}) or None,
+        "layers": {k: {"pattern": r.pattern, "sparsity": round(r.sparsity, 6), "bits": r.bits,
+                       "group_size": r.group_size, "sym": r.sym,
+                       "onnx": ("MatMulNBits" if onnx_quant == "matmulnbits" else "DequantizeLinear+MatMul")
+                       if k in layers else "MatMul (float32)"}
+                   for k, r in records.items()},
+        "config": sg_config.to_dict() if sg_config else None,
+    }

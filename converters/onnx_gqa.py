@@ -27,7 +27,8 @@ and ``--onnx-graph auto`` then falls back to the traced graph.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -79,22 +80,57 @@ def build(model, linear: Callable, opset: int = 21):
     if reason:
         raise ValueError(f"--onnx-graph gqa: {reason}")
     cfg = model.config
+    g = GraphBuilder()
+    sh = _shared(g, model)
+    embed = model.get_input_embeddings().weight.detach().float().numpy()
+    x = g.op("Gather", [g.initializer("model.embed_tokens.weight", embed), sh.input_ids], "model.embed_tokens", axis=0)
+    residual, hidden = x, None
+    for i, layer in enumerate(model.model.layers):
+        hidden, residual = _decoder_layer(g, sh, i, layer, linear, hidden, residual)
+    h, _ = _norm(g, "model.norm", model.model.norm, hidden, residual, sh.eps)
+    (logits,) = linear(g, [("lm_head", model.get_output_embeddings())], h)
+    g.output(logits, "logits", ir.DataType.FLOAT, ["batch", "sequence", cfg.vocab_size])
+    # the cache outputs were declared layer by layer; logits goes first, as in the traced graph
+    g.outputs.insert(0, g.outputs.pop())
+    graph = ir.Graph(g.inputs, g.outputs, nodes=g.nodes, initializers=g.initializers,
+                     opset_imports={"": opset, "com.microsoft": 1}, name="sparsegpt_export_gqa")
+    return ir.Model(graph, ir_version=10, producer_name="sparsegpt-export")
+
+
+@dataclass
+class _Shared:
+    """What every decoder layer of the graph reads: inputs, the cache length, the padding bias, rotary tables."""
+
+    input_ids: Any
+    position_ids: Any
+    past: list
+    seqlens_k: Any
+    total_scalar: Any
+    bias: Any
+    cos_cache: Any
+    sin_cache: Any
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+
+
+def _shared(g: "GraphBuilder", model) -> _Shared:
+    """The graph's inputs and the values shared by every layer: the cache length, the padding as an additive
+    bias, the rotary tables."""
+    import onnx_ir as ir
+
+    cfg = model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    eps = float(cfg.rms_norm_eps)
-    g = GraphBuilder()
     f32, i64 = ir.DataType.FLOAT, ir.DataType.INT64
-
     input_ids = g.input("input_ids", i64, ["batch", "sequence"])
     mask = g.input("attention_mask", i64, ["batch", "total_sequence"])
     position_ids = g.input("position_ids", i64, ["batch", "sequence"])
-    layers = model.model.layers
     past = [(g.input(f"input.past_key_values.layers.{i}.keys", f32, ["batch", kv_heads, "past_sequence", head_dim]),
              g.input(f"input.past_key_values.layers.{i}.values", f32, ["batch", kv_heads, "past_sequence", head_dim]))
-            for i in range(len(layers))]
-
-    # shared by every layer: the cache length, the padding as an additive bias, the rotary tables
+            for i in range(len(model.model.layers))]
     batch = g.op("Shape", [input_ids], "shape/batch", start=0, end=1)
     seq = g.op("Shape", [input_ids], "shape/sequence", start=1, end=2)
     total = g.op("Shape", [mask], "shape/total", start=1, end=2)
@@ -109,40 +145,41 @@ def build(model, linear: Callable, opset: int = 21):
     bias_shape = g.op("Concat", [batch, g.const("one_int64", np.array([1], np.int64)), seq, total], "bias/shape", axis=0)
     bias = g.op("Expand", [bias, bias_shape], "bias/expand")
     cos, sin = _rope_tables(model)
-    cos_cache, sin_cache = g.initializer("rotary.cos_cache", cos), g.initializer("rotary.sin_cache", sin)
+    return _Shared(input_ids=input_ids, position_ids=position_ids, past=past, seqlens_k=seqlens_k,
+                   total_scalar=total_scalar, bias=bias, cos_cache=g.initializer("rotary.cos_cache", cos),
+                   sin_cache=g.initializer("rotary.sin_cache", sin), heads=heads, kv_heads=kv_heads,
+                   head_dim=head_dim, eps=float(cfg.rms_norm_eps))
 
-    embed = model.get_input_embeddings().weight.detach().float().numpy()
-    x = g.op("Gather", [g.initializer("model.embed_tokens.weight", embed), input_ids], "model.embed_tokens", axis=0)
-    residual, hidden = x, None
-    for i, layer in enumerate(layers):
-        p = f"model.layers.{i}"
-        attn = layer.self_attn
-        h, residual = _norm(g, p + ".input_layernorm", layer.input_layernorm, hidden, residual, eps)
-        qkv = linear(g, [(p + ".self_attn.q_proj", attn.q_proj), (p + ".self_attn.k_proj", attn.k_proj),
-                         (p + ".self_attn.v_proj", attn.v_proj)], h, split=False)
-        q, k, v = (qkv[0], None, None) if len(qkv) == 1 else qkv  # packed: the query input holds all three
-        out, present_k, present_v = g.op(
-            "GroupQueryAttention",
-            [q, k, v, past[i][0], past[i][1], seqlens_k, total_scalar, cos_cache, sin_cache, position_ids, bias],
-            p + ".self_attn/GroupQueryAttention", domain="com.microsoft", num_outputs=3,
-            num_heads=heads, kv_num_heads=kv_heads, scale=float(getattr(attn, "scaling", head_dim ** -0.5)),
-            do_rotary=1, rotary_interleaved=0)
-        g.output(present_k, f"output.past_key_values.layers.{i}.keys", f32, ["batch", kv_heads, "total_sequence", head_dim])
-        g.output(present_v, f"output.past_key_values.layers.{i}.values", f32, ["batch", kv_heads, "total_sequence", head_dim])
-        (hidden,) = linear(g, [(p + ".self_attn.o_proj", attn.o_proj)], out)
-        h, residual = _norm(g, p + ".post_attention_layernorm", layer.post_attention_layernorm, hidden, residual, eps)
-        mlp = layer.mlp
-        gate, up = linear(g, [(p + ".mlp.gate_proj", mlp.gate_proj), (p + ".mlp.up_proj", mlp.up_proj)], h)
-        act = g.op("QuickGelu", [gate], p + ".mlp/silu", domain="com.microsoft", alpha=1.0)
-        (hidden,) = linear(g, [(p + ".mlp.down_proj", mlp.down_proj)], g.op("Mul", [act, up], p + ".mlp/mul"))
-    h, _ = _norm(g, "model.norm", model.model.norm, hidden, residual, eps)
-    (logits,) = linear(g, [("lm_head", model.get_output_embeddings())], h)
-    g.output(logits, "logits", f32, ["batch", "sequence", cfg.vocab_size])
-    # the cache outputs were declared layer by layer; logits goes first, as in the traced graph
-    g.outputs.insert(0, g.outputs.pop())
-    graph = ir.Graph(g.inputs, g.outputs, nodes=g.nodes, initializers=g.initializers,
-                     opset_imports={"": opset, "com.microsoft": 1}, name="sparsegpt_export_gqa")
-    return ir.Model(graph, ir_version=10, producer_name="sparsegpt-export")
+
+def _decoder_layer(g: "GraphBuilder", sh: _Shared, i: int, layer, linear: Callable, hidden, residual):
+    """Decoder layer ``i``: norm, packed q/k/v into GroupQueryAttention over the cache, o_proj, norm, SwiGLU MLP.
+    Returns ``(hidden, residual)`` for the next layer's norm."""
+    import onnx_ir as ir
+
+    f32 = ir.DataType.FLOAT
+    p = f"model.layers.{i}"
+    attn = layer.self_attn
+    h, residual = _norm(g, p + ".input_layernorm", layer.input_layernorm, hidden, residual, sh.eps)
+    qkv = linear(g, [(p + ".self_attn.q_proj", attn.q_proj), (p + ".self_attn.k_proj", attn.k_proj),
+                     (p + ".self_attn.v_proj", attn.v_proj)], h, split=False)
+    q, k, v = (qkv[0], None, None) if len(qkv) == 1 else qkv  # packed: the query input holds all three
+    out, present_k, present_v = g.op(
+        "GroupQueryAttention",
+        [q, k, v, sh.past[i][0], sh.past[i][1], sh.seqlens_k, sh.total_scalar, sh.cos_cache, sh.sin_cache,
+         sh.position_ids, sh.bias],
+        p + ".self_attn/GroupQueryAttention", domain="com.microsoft", num_outputs=3,
+        num_heads=sh.heads, kv_num_heads=sh.kv_heads, scale=float(getattr(attn, "scaling", sh.head_dim ** -0.5)),
+        do_rotary=1, rotary_interleaved=0)
+    kv_dims = ["batch", sh.kv_heads, "total_sequence", sh.head_dim]
+    g.output(present_k, f"output.past_key_values.layers.{i}.keys", f32, kv_dims)
+    g.output(present_v, f"output.past_key_values.layers.{i}.values", f32, kv_dims)
+    (hidden,) = linear(g, [(p + ".self_attn.o_proj", attn.o_proj)], out)
+    h, residual = _norm(g, p + ".post_attention_layernorm", layer.post_attention_layernorm, hidden, residual, sh.eps)
+    mlp = layer.mlp
+    gate, up = linear(g, [(p + ".mlp.gate_proj", mlp.gate_proj), (p + ".mlp.up_proj", mlp.up_proj)], h)
+    act = g.op("QuickGelu", [gate], p + ".mlp/silu", domain="com.microsoft", alpha=1.0)
+    (hidden,) = linear(g, [(p + ".mlp.down_proj", mlp.down_proj)], g.op("Mul", [act, up], p + ".mlp/mul"))
+    return hidden, residual
 
 
 def _norm(g: "GraphBuilder", name: str, module, hidden, residual, eps: float):

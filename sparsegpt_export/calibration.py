@@ -106,43 +106,56 @@ def get_calibration_data(
     """``LongTensor [nsamples, seqlen]`` of calibration windows from ``dataset`` (see the module doc)."""
     if isinstance(dataset, torch.Tensor):
         return _check_ids(dataset, "calibration tensor", nsamples, seqlen)
-    running_text = False
-    if isinstance(dataset, (str, Path)) and (Path(dataset).suffix.lower() in (".txt", ".jsonl", ".parquet", ".safetensors")
-                                            or Path(dataset).exists()):
-        path = Path(dataset)
-        if not path.is_file():
-            raise CalibrationError(f"{path}: calibration file not found")
-        if path.suffix.lower() == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                tensors = load_file(str(path))
-            except (SafetensorError, OSError) as e:
-                raise CalibrationError(f"{path}: not a readable safetensors file ({e})") from None
-            if "input_ids" not in tensors:
-                raise CalibrationError(f"{path}: no tensor named 'input_ids' (found {sorted(tensors)})")
-            return _check_ids(tensors["input_ids"], str(path), nsamples, seqlen)
-        docs = _read_documents(path)
-        running_text = path.suffix.lower() == ".txt"
-        source = str(path)
-    elif isinstance(dataset, str):
-        docs, running_text = _hub_documents(dataset)
-        source = dataset
-    elif isinstance(dataset, (list, tuple)) and all(isinstance(d, str) for d in dataset):
-        docs, source = list(dataset), "list of strings"
-    else:
-        raise CalibrationError(
-            f"calibration dataset of type {type(dataset).__name__} is not supported; pass a dataset name, a file "
-            "path, a list of strings or a LongTensor of input_ids"
-        )
+    docs, running_text, source = _documents(dataset)
+    if isinstance(docs, torch.Tensor):  # a pre-tokenized file
+        return _check_ids(docs, source, nsamples, seqlen)
     if tokenizer is None:
         raise CalibrationError(f"{source}: text calibration data needs a tokenizer")
     rng = random.Random(seed)
     if running_text:
         ids = tokenizer("\n\n".join(docs), return_tensors="pt").input_ids[0]
         return _windows_from_stream(ids, nsamples, seqlen, rng, source)
-    # documents: random document with enough tokens, random window inside
+    return _windows_from_documents(docs, tokenizer, nsamples, seqlen, rng, source)
+
+
+def _documents(dataset: DatasetSpec) -> tuple[Any, bool, str]:
+    """``(documents or an input_ids tensor, whether they are one running text, where they came from)``."""
+    if isinstance(dataset, (str, Path)) and (Path(dataset).suffix.lower() in (".txt", ".jsonl", ".parquet", ".safetensors")
+                                            or Path(dataset).exists()):
+        path = Path(dataset)
+        if not path.is_file():
+            raise CalibrationError(f"{path}: calibration file not found")
+        if path.suffix.lower() == ".safetensors":
+            return _safetensors_ids(path), False, str(path)
+        return _read_documents(path), path.suffix.lower() == ".txt", str(path)
+    if isinstance(dataset, str):
+        docs, running_text = _hub_documents(dataset)
+        return docs, running_text, dataset
+    if isinstance(dataset, (list, tuple)) and all(isinstance(d, str) for d in dataset):
+        return list(dataset), False, "list of strings"
+    raise CalibrationError(
+        f"calibration dataset of type {type(dataset).__name__} is not supported; pass a dataset name, a file "
+        "path, a list of strings or a LongTensor of input_ids"
+    )
+
+
+def _safetensors_ids(path: Path) -> torch.Tensor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CalibrationError(f"{path}: not a readable safetensors file ({e})") from None
+    if "input_ids" not in tensors:
+        raise CalibrationError(f"{path}: no tensor named 'input_ids' (found {sorted(tensors)})")
+    return tensors["input_ids"]
+
+
+def _windows_from_documents(docs: list[str], tokenizer: Any, nsamples: int, seqlen: int, rng: random.Random,
+                            source: str) -> torch.Tensor:
+    """A random document with enough tokens, a random window inside it, until ``nsamples``; the rest cut from the
+    short documents joined."""
     order = list(range(len(docs)))
     rng.shuffle(order)
     out = []
