@@ -43,7 +43,7 @@ METHODS = ("hutchinson", "fisher", "obd", "proxy")
 SALIENCIES = ("obs", "isc")
 UPDATES = ("auto", "obs", "admm")
 ADMM_MASKS = ("gradual", "obs")
-REFINE_STEPS = 32  # ADMM iterations (benchmarks/results/best_quality.md)
+REFINE_STEPS = 24  # ADMM iterations (benchmarks/results/best_quality.md)
 RECONSTRUCT_LR = 3e-3  # relative step size of the reconstruction (same file)
 MIXED = "mixed sparsity and the weight update"
 

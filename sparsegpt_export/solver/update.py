@@ -11,7 +11,8 @@ A new strategy is one class with ``solve(W, H, task, options, name, measure)`` r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -121,8 +122,38 @@ UPDATES = {"obs": ObsUpdate(), "admm": AdmmUpdate()}
 def solve_layer(W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOptions, *, name: str = "",
                 measure: bool = True) -> tuple[SolveResult, dict]:
     """The compressed weight of one matrix (or of stacked matrices sharing ``H``) and the update's extra report
-    fields (`SolveOptions.update_for` picks the update)."""
-    return UPDATES[opts.update_for(task)].solve(W, H, task, opts, name, measure)
+    fields (`SolveOptions.update_for` picks the update). A row-by-row problem is solved in slices of rows on
+    ``opts.workers`` threads (each slice gives what the whole solve gives its rows); the per-layer comparison
+    fields of ``admm_mask="obs"`` keep it whole."""
+    kind = opts.update_for(task)
+    slices = _row_slices(W.shape[0], opts.workers)
+    if len(slices) == 1 or not row_separable(opts, [task]) or (kind == "admm" and opts.admm_mask == "obs"):
+        return UPDATES[kind].solve(W, H, task, opts, name, measure)
+    one = replace(opts, workers=1)
+    with ThreadPoolExecutor(len(slices)) as pool:
+        parts = list(pool.map(lambda s: UPDATES[kind].solve(W[s], H, task, one, name, False)[0], slices))
+    res = _concat_rows(parts)
+    if measure:
+        res.error, res.norm = quad_form(res.weight, H, W), quad_form(W, H)
+        res.rel_error = res.error / res.norm if res.norm > 0 else 0.0
+    return res, {"row_slices": len(slices)}
+
+
+def _row_slices(rows: int, workers: int, least: int = 64) -> list[slice]:
+    """``workers`` slices of about equal rows (fewer when a slice would have under ``least`` rows)."""
+    workers = max(1, min(workers, rows // least or 1))
+    step = -(-rows // workers)
+    return [slice(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+def _concat_rows(parts: list[SolveResult]) -> SolveResult:
+    first = parts[0]
+    return SolveResult(
+        weight=torch.cat([p.weight for p in parts]), mask=torch.cat([p.mask for p in parts]),
+        scales=torch.cat([p.scales for p in parts]) if first.scales is not None else None,
+        zeros=torch.cat([p.zeros for p in parts]) if first.zeros is not None else None,
+        damp=max(p.damp for p in parts), damp_escalations=max(p.damp_escalations for p in parts),
+        seconds=max(p.seconds for p in parts), dead_inputs=first.dead_inputs)
 
 
 def row_separable(opts: SolveOptions, tasks: list[LayerTask]) -> bool:
