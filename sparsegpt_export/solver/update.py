@@ -108,10 +108,11 @@ class AdmmUpdate:
                          admm_error_reduction=(1.0 - admm_err / obs.rel_error) if obs.rel_error > 0 else 0.0)
         if opts.quant is not None:
             res = sparsegpt_solve(Wa, H, mask=mask, measure=False, **common)
-            if measure:
-                res.rel_error = layer_error(res.weight, W.float(), H)
         else:
-            res = SolveResult(weight=Wa, mask=mask, rel_error=admm_err, dead_inputs=int((torch.diag(H) <= 0).sum()))
+            res = SolveResult(weight=Wa, mask=mask, dead_inputs=int((torch.diag(H) <= 0).sum()))
+        # against the weights before the update (rows add up: what ranks sum when they split the rows)
+        res.error, res.norm = (quad_form(res.weight, H, W), quad_form(W, H)) if measure else (0.0, 0.0)
+        res.rel_error = res.error / res.norm if res.norm > 0 else 0.0
         res.damp = opts.damp
         return res, extra
 
