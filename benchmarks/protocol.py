@@ -93,3 +93,21 @@ def mask_agreement(a: Path, b: Path, prefix: str = "model.layers.") -> float:
             same += int(((v == 0) == (wb[k] == 0)).sum())
             total += v.numel()
     return same / total if total else 1.0
+
+
+def rows_parser(description: str, rows: dict):
+    """The arguments every per-row SmolLM2 study takes: ``--rows`` (default all), ``--out``, ``--windows``,
+    ``--seqlen``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--rows", default=",".join(rows))
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    return ap
+
+
+def data_missing() -> Optional[Path]:
+    """The first of the calibration and evaluation files that is not there (None when all are)."""
+    return next((f for f in (CALIB, WIKI, C4) if not f.is_file()), None)

@@ -14,7 +14,6 @@ Writes ``<out>/best_quality.{json,md,log}`` after every row (rows already in the
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.protocol import C4, CALIB, RESULTS, WIKI
+from benchmarks.protocol import data_missing, rows_parser
 from benchmarks.studies.compress_smollm2 import evaluate, run_compress
 
 W4 = ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym"]
@@ -63,16 +62,12 @@ def write_tables(results: dict, out: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=2048)
+    ap = rows_parser(__doc__.splitlines()[0], ROWS)
     args = ap.parse_args()
-    for f in (CALIB, WIKI, C4):
-        if not f.is_file():
-            print(f"skipped: {f} not found (the shared data folder is needed for this benchmark)")
-            return 0
+    missing = data_missing()
+    if missing:
+        print(f"skipped: {missing} not found (the shared data folder is needed for this benchmark)")
+        return 0
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:
         ap.error(f"--rows: unknown {unknown}; choose from {list(ROWS)}")

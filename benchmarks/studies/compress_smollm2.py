@@ -13,7 +13,6 @@ Results go to ``<out>/compress_smollm2.json`` and ``.md`` after every row.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.protocol import C4, CALIB, RESULTS, WIKI, perplexities, run_process
+from benchmarks.protocol import C4, CALIB, WIKI, data_missing, perplexities, rows_parser, run_process
 
 ROWS = {
     "dense": None,
@@ -114,16 +113,11 @@ def write_tables(results: dict, out: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=2048)
-    args = ap.parse_args()
-    for f in (CALIB, WIKI, C4):
-        if not f.is_file():
-            print(f"skipped: {f} not found (the shared data folder is needed for this benchmark)")
-            return 0
+    args = rows_parser(__doc__.splitlines()[0], ROWS).parse_args()
+    missing = data_missing()
+    if missing:
+        print(f"skipped: {missing} not found (the shared data folder is needed for this benchmark)")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logf = open(out / "compress_smollm2.log", "a")
