@@ -26,7 +26,8 @@ def one_thread():
     """Solves run on one CPU thread: the BLAS rounds a product otherwise with 2 threads than with 1, and the sweep
     amplifies that into other masks (SmolLM2: one process on 2 threads kept 92.7% of the masks of the same process on
     1 thread, which torchrun's ranks get), so a layer's solve must not depend on the process's thread count. The
-    block forwards and the Hessians keep every thread (nothing else runs while a layer is solved)."""
+    block forwards and the Hessians keep every thread (nothing else runs while a layer is solved); a row-by-row
+    solve uses them as slices of rows, each on one BLAS thread (`solver.solve_layer`)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
