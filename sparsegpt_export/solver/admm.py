@@ -55,7 +55,7 @@ def admm_prune(
     X0 = p.Wn.clone() if init is None else init.to(p.Wn.dtype) * p.norm[None, :]
     if keep is not None:
         X0 = X0 * keep
-    slices = _row_slices(rows, workers if (n or keep is not None) else 1)
+    slices = row_slices(rows, workers if (n or keep is not None) else 1)
     if len(slices) == 1:
         Z, keep = p.iterate(X0, keep, slice(0, rows))
     else:
@@ -112,8 +112,9 @@ def _better(Z: torch.Tensor, X0: torch.Tensor, p: _Problem) -> torch.Tensor:
     return torch.where(worse[:, None], X0, Z)
 
 
-def _row_slices(rows: int, workers: int) -> list[slice]:
-    workers = max(1, min(workers, rows // 64 or 1))
+def row_slices(rows: int, workers: int, least: int = 64) -> list[slice]:
+    """``workers`` slices of about equal rows (fewer when a slice would have under ``least`` rows)."""
+    workers = max(1, min(workers, rows // least or 1))
     step = -(-rows // workers)
     return [slice(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 

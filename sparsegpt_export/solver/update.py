@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from ..quant import QuantSpec
-from .admm import admm_prune
+from .admm import admm_prune, row_slices
 from .obs import SolveResult, layer_error, quad_form, sparsegpt_solve
 
 
@@ -127,7 +127,7 @@ def solve_layer(W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOp
     ``opts.workers`` threads (each slice gives what the whole solve gives its rows); the per-layer comparison
     fields of ``admm_mask="obs"`` keep it whole."""
     kind = opts.update_for(task)
-    slices = _row_slices(W.shape[0], opts.workers)
+    slices = row_slices(W.shape[0], opts.workers)
     if len(slices) == 1 or not row_separable(opts, [task]) or (kind == "admm" and opts.admm_mask == "obs"):
         return UPDATES[kind].solve(W, H, task, opts, name, measure)
     one = replace(opts, workers=1)
@@ -138,13 +138,6 @@ def solve_layer(W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOp
         res.error, res.norm = quad_form(res.weight, H, W), quad_form(W, H)
         res.rel_error = res.error / res.norm if res.norm > 0 else 0.0
     return res, {"row_slices": len(slices)}
-
-
-def _row_slices(rows: int, workers: int, least: int = 64) -> list[slice]:
-    """``workers`` slices of about equal rows (fewer when a slice would have under ``least`` rows)."""
-    workers = max(1, min(workers, rows // least or 1))
-    step = -(-rows // workers)
-    return [slice(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
 
 def _concat_rows(parts: list[SolveResult]) -> SolveResult:
