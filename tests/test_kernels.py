@@ -149,6 +149,12 @@ def test_gemv_split_k_and_small_blocks():
     got = ops._launch_gemv(x, layer.codes, layer.positions, layer.scales, None, 32, True, split_k=3, block_n=16,
                            block_g=8)
     torch.testing.assert_close(got, x @ ref.to(DEVICE).t(), rtol=1e-4, atol=1e-4)
+    # the last slice's tiles past the last group must read no scale: NaN just past each row's scales shows a read
+    padded = torch.full((n, layer.scales.shape[1] + 1), float("nan"), device=DEVICE, dtype=layer.scales.dtype)
+    padded[:, :-1] = layer.scales
+    got = ops._launch_gemv(x, layer.codes, layer.positions, padded[:, :-1], None, 32, True, split_k=3, block_n=16,
+                           block_g=8)
+    torch.testing.assert_close(got, x @ ref.to(DEVICE).t(), rtol=1e-4, atol=1e-4)
     assert ops.gemv_split(n_blocks=1, m=1, groups=58, block_g=8, device=torch.device("cpu")) > 1
 
 

@@ -50,7 +50,8 @@ def _gemv_kernel(x_ptr, d_ptr, p_ptr, s_ptr, z_ptr, out_ptr, N, G, GS, G_PER_SPL
         if QUANT:
             cb = tl.load(d_ptr + rn[:, None] * stride_d + rg[None, :], mask=mask, other=0).to(tl.int32)
             if TILE_SCALE:  # the tile lies in one quantization group: one scale (and zero) per row, applied once
-                soff1 = rn * stride_s + ((g_begin + g0) * 4) // GS
+                # a tile past the last group (its inputs all masked to 0) reads the last group's scale, not past it
+                soff1 = rn * stride_s + tl.minimum(g_begin + g0, G - 1) * 4 // GS
                 s1 = tl.load(s_ptr + soff1, mask=nmask, other=0).to(tl.float32)
                 if SYM:
                     z1 = tl.full([BLOCK_N], 8.0, tl.float32)
