@@ -27,6 +27,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import torch
@@ -55,6 +56,13 @@ COMMON: dict[str, Any] = {
     "shared_expert_intermediate_size": 64, "intermediate_size_mlp": 128,
 }
 DROP = object()  # an override that removes a COMMON key
+# Dots 3: heads per layer kind (multi-head latent attention needs as many key/value heads as heads, and the sliding
+# layers' head_dim = qk_nope_head_dim + qk_rope_head_dim)
+DOTS3 = {"num_key_value_heads": 4, "num_attention_heads": 4,
+         "per_layer_config": {"01": {"num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 32,
+                                     "qk_nope_head_dim": 8, "head_dim": 16}}}
+QWEN4_EXP = {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 8,
+             "indexer_compress_ratio": 4}  # the indexer has no defaults
 # Per-family overrides on top of COMMON (model_type -> config kwargs), and calls a family needs after building.
 OVERRIDES: dict[str, dict[str, Any]] = {
     "codegen": {"rotary_dim": 8},
@@ -66,13 +74,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
-    "dots3_note": {"num_key_value_heads": 4},
-    "dots3_note_text": {"num_key_value_heads": 4},
+    "dots3_note": DOTS3,
+    "dots3_note_text": DOTS3,
+    "qwen4_exp": QWEN4_EXP,
+    "qwen4_exp_text": QWEN4_EXP,
     "cpmant": {"dim_ff": 128},
     "nemotron_h": {"layers_block_type": ["linear_attention", "full_attention"]},
     "roc_bert": {"shape_vocab_size": VOCAB, "pronunciation_vocab_size": VOCAB},
-    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}, "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2, "hidden_size": 64}},
-    "kolibri1_1": {"kv_source_layers": [0, 1], "index_layers": [], "mlp_only_layers": [0]},
+    "dbrx": {"d_model": 64, "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}, "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2, "hidden_size": 64}},
+    "kolibri1_1": {"kv_source_layers": [0, 1], "index_layers": [1], "mlp_only_layers": [0], "index_num_heads": 2},
     "musicgen": {"num_codebooks": 1},
     "musicgen_melody": {"num_codebooks": 1},
 }
@@ -105,7 +115,7 @@ def _settable(cfg: Any, key: str) -> bool:
         return False
 
 
-def _per_layer(defaults: Any) -> dict[str, list]:
+def _per_layer(defaults: Any, extra: dict[str, Any]) -> dict[str, list]:
     """Lists with one entry per layer, cut to two layers: the first, and the first of another kind when
     ``layer_types`` has several (a hybrid keeps one layer of each kind)."""
     d = defaults.to_dict()
@@ -120,7 +130,7 @@ def _per_layer(defaults: Any) -> dict[str, list]:
     special = d.get("per_layer_config")
     if isinstance(special, dict) and special:  # Gemma 4: overrides of some layers; the first becomes layer 1
         first = special[sorted(special)[0]]
-        out["per_layer_config"] = {"01": {k: COMMON.get(k, v) for k, v in first.items()}}
+        out["per_layer_config"] = {"01": {k: extra.get(k, COMMON.get(k, v)) for k, v in first.items()}}
     return out
 
 
@@ -130,7 +140,7 @@ def _sized(defaults: Any, extra: dict[str, Any]) -> dict[str, Any]:
     if _settable(defaults, "qk_rope_head_dim"):  # multi-head latent attention: head_dim is the rope part, kv heads
         kw["head_dim"] = COMMON["qk_rope_head_dim"]  # as many as heads
         kw["num_key_value_heads"] = COMMON["num_attention_heads"]
-    kw.update(_per_layer(defaults))
+    kw.update(_per_layer(defaults, extra))
     kw.update(extra)
     for tok in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         v = getattr(defaults, tok, None)
@@ -223,7 +233,11 @@ def run_family(model_type: str, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     row: dict[str, Any] = {"model_type": model_type}
     try:  # a refused family is refused on its config, as from_pretrained would (before the weights are read)
-        check_config(model_class(model_type).config_class(), model_class(model_type).__name__)
+        try:
+            cfg = model_class(model_type).config_class()
+        except Exception:  # noqa: BLE001  (no valid defaults: what a checkpoint's config.json names is its type)
+            cfg = SimpleNamespace(model_type=model_type)
+        check_config(cfg, model_class(model_type).__name__)
     except UnsupportedModelError as e:
         return {**row, "class": model_class(model_type).__name__, "status": "refused", "reason": str(e)}
     except Exception:  # noqa: BLE001  (a config class without defaults: the tiny build below decides)
@@ -236,6 +250,7 @@ def run_family(model_type: str, work: Path) -> dict[str, Any]:
             return {**row, "status": "failed", "stage": "build",
                     "error": f"the tiny config has {row['parameters']} parameters (> {MAX_PARAMETERS}): add an override"}
         found = count_matrices(model)
+        _logits(model, calibration()[:1])  # the tiny model must run as built (a bad override fails here, not later)
     except Exception as e:  # noqa: BLE001  (the sweep records any failure)
         return {**row, "status": "failed", "stage": "build", "error": _short(e)}
     try:

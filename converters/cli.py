@@ -35,7 +35,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                         "DequantizeLinear + MatMul (qdq), or a float32 graph (none)")
     p.add_argument("--accuracy-level", type=_accuracy_level, default="auto", metavar="{auto,0,1,2,3,4}",
                    help="onnx: MatMulNBits accuracy_level. auto (default): 4 (int8 activations on CPU, the fastest) "
-                        "when the model was compressed with --smooth-alpha, which keeps level 4 close to torch; "
+                        "when the model was smoothed (compress --smooth-alpha; its default with --bits on Llama-style "
+                        "models), which keeps level 4 close to torch; "
                         "otherwise 1 (float compute, as accurate as the float graph); 0-4: that level")
     p.add_argument("--ort-fusions", choices=["cpu", "cuda"], default=None,
                    help="onnx: fuse norms, rotary embeddings (and attention where matched) into ONNX Runtime's own "

@@ -18,8 +18,8 @@ graph is made:
      of two that divides it and the columns, with the scales repeated; per-channel grids as groups of 128);
      symmetric grids leave out the zero points (MatMulNBits' default is 8, ours too), asymmetric ones store
      them packed. ``accuracy_level`` is written on every node: by default (``auto``) 4, int8 activations on CPU
-     (the fastest), when the compress output was smoothed (``--smooth-alpha``: ``smoothing`` in its
-     ``sparsegpt_report.json``), which keeps level 4 within 2e-2 of torch on SmolLM2, and 1 (float compute, as
+     (the fastest), when the compress output was smoothed (``--smooth-alpha``, by default on with ``--bits`` for
+     Llama-style models: ``smoothing`` in its ``sparsegpt_report.json``), which keeps level 4 within 2e-2 of torch on SmolLM2, and 1 (float compute, as
      accurate as the float graph) when it was not, since int8 activations with outlier channels cost 3.8e-2 there
      (`default_accuracy_level`);
    - ``qdq``: the portable opset-21 ``DequantizeLinear`` (INT4 weights [in, out], ``block_size`` = the group

@@ -71,11 +71,14 @@ class SparseGPTQuantizationConfig(QuantizationConfigMixin):
 
 class PackedSparseLinear(nn.Module):
     """Placeholder for one compressed layer while transformers reads the checkpoint: its buffers are the stored
-    tensors of `converters.sparse24` (``codes``, ``positions``, ``scales``...). Replaced by a plain
-    ``nn.Linear`` right after loading; it cannot run."""
+    tensors of `converters.sparse24` (``codes``, ``positions``, ``scales``...). Replaced right after loading by a
+    `Sparse24Linear`, or, where the model's layer is an ``nn.Linear`` subclass with its own forward
+    (``own_forward``), by that module holding the decoded weight; it cannot run."""
 
-    def __init__(self, name: str, record: dict, value_dtype: torch.dtype, bias: Optional[torch.Tensor]):
+    def __init__(self, name: str, record: dict, value_dtype: torch.dtype, bias: Optional[torch.Tensor],
+                 own_forward: Optional[nn.Module] = None):
         super().__init__()
+        self.__dict__["own_forward"] = own_forward  # not a submodule: its weights are not the checkpoint's
         self.layer_name = name
         self.record = record
         self.value_dtype = value_dtype
@@ -163,8 +166,16 @@ def _load_layer(model: nn.Module, name: str, mod: PackedSparseLinear, dtype: tor
         w = sparse24.decode_layer(name, {**mod.record, "transposed": False}, take, folder)
         return w.to(mod.value_dtype).to(dtype)
 
+    own = mod.own_forward
     try:
-        layer, info = build_layer(mod.record, stored, decode, dtype, device, mod.bias, cache)
+        if own is not None:  # an nn.Linear subclass with its own forward (DeepSeek-V4's grouped o_a_proj)
+            own.weight = nn.Parameter(decode().to(device), requires_grad=False)
+            if own.bias is not None:
+                own.bias = nn.Parameter(mod.bias.detach().to(device, dtype), requires_grad=False)
+            layer, info = own, {"kernel": "dense", "reason": f"{type(own).__name__} has its own forward: the decoded "
+                                                              "weight in the model's own module"}
+        else:
+            layer, info = build_layer(mod.record, stored, decode, dtype, device, mod.bias, cache)
     except ValueError as e:
         msg = str(e)
         raise ValueError(msg if name in msg else f"layer {name}: {msg}") from None
@@ -207,8 +218,9 @@ class SparseGPTHfQuantizer(HfQuantizer):
             if shape != tuple(rec["shape"]):
                 raise ValueError(f"layer {name}: the model's weight is {shape}, the record says {tuple(rec['shape'])}")
             parent, _, child = name.rpartition(".")
+            custom = isinstance(old, nn.Linear) and type(old).forward is not nn.Linear.forward
             setattr(model.get_submodule(parent) if parent else model, child,
-                    PackedSparseLinear(name, rec, value_dtype, getattr(old, "bias", None)))
+                    PackedSparseLinear(name, rec, value_dtype, getattr(old, "bias", None), old if custom else None))
         self._folder = Path(checkpoint_files[0]).parent if checkpoint_files else "checkpoint"
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -38,7 +38,17 @@ def _rows(v: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--rows: {v!r} is not START:END") from None
 
 
-PARSERS: dict[str, Callable[[str], Any]] = {"bits": _bits, "group": _group, "int": int, "float": float}
+def _alpha(v: str) -> Optional[float]:
+    if v.lower() == "auto":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number in [0, 1] or 'auto'") from None
+
+
+PARSERS: dict[str, Callable[[str], Any]] = {"bits": _bits, "group": _group, "int": int, "float": float,
+                                            "alpha": _alpha}
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:

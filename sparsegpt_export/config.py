@@ -45,6 +45,7 @@ UPDATES = ("auto", "obs", "admm")
 ADMM_MASKS = ("gradual", "obs")
 REFINE_STEPS = 24  # ADMM iterations (benchmarks/results/best_quality.md)
 RECONSTRUCT_LR = 3e-3  # relative step size of the reconstruction (same file)
+SMOOTH_AUTO = 0.6  # smooth_alpha "auto" with bits (benchmarks/results/onnx_smoothing.md, best_quality.md)
 MIXED = "mixed sparsity and the weight update"
 
 
@@ -93,10 +94,12 @@ class SparseGPTConfig:
         ``admm`` (least squares on the mask by ADMM, ``refine_steps`` iterations; ``admm_mask``: ``gradual`` chooses
         the mask during the first 3/4 of them, ``obs`` keeps the sweep's mask and starts from its weights).
         Quantization then runs on the final weights with the mask fixed.
-    smooth_alpha: 0 (default, off) or the migration strength in (0, 1] of activation smoothing before each block is
-        compressed (SmoothQuant: input channel c divided by rms_c^alpha / max|W_c|^(1-alpha) where the input is made,
-        the weight column multiplied by it; `sparsegpt_export.smoothing`). For graphs that quantize activations at
-        run time (ONNX Runtime's MatMulNBits at accuracy_level 4): on SmolLM2-135M 2:4 + 4-bit g128, 0.6 brought the
+    smooth_alpha: the migration strength in (0, 1] of activation smoothing before each block is compressed
+        (SmoothQuant: input channel c divided by rms_c^alpha / max|W_c|^(1-alpha) where the input is made, the weight
+        column multiplied by it; `sparsegpt_export.smoothing`), 0 for none, or None (default, "auto"): `SMOOTH_AUTO`
+        when ``bits`` are set and every block has the Llama-style norm -> q/k/v and norm -> gate/up pairs, else none.
+        It matters for graphs that quantize activations at run time (ONNX Runtime's MatMulNBits at accuracy_level 4,
+        which the ONNX export then picks): under the OBS update on SmolLM2-135M 2:4 + 4-bit g128, 0.6 brought the
         level-4 logits error from 3.82e-2 to 1.75e-2, and perplexity from 92.42 to 92.04 (WikiText-2) and 146.54 to
         129.57 (C4) (``benchmarks/results/onnx_smoothing.md``).
     smooth_lm_head_alpha: with ``quantize_lm_head``, the migration strength for the final norm -> lm_head pair;
@@ -164,9 +167,11 @@ class SparseGPTConfig:
     quant_order: str = _opt("after-mask", "with --bits and pruning: choose the mask first, then quantize on it in a "
                                           "second sweep (after-mask, default), or mask and quantize in one sweep "
                                           "(joint)", choices=QUANT_ORDERS)
-    smooth_alpha: float = _opt(0.0, "activation smoothing before compression, migration strength in (0, 1] "
-                                    "(default 0: off); for graphs that quantize activations, e.g. ONNX at "
-                                    "accuracy_level 4 (0.6 measured on SmolLM2)", metavar="ALPHA")
+    smooth_alpha: Optional[float] = _opt(
+        None, f"activation smoothing before compression, migration strength in (0, 1], 0 (off) or auto (default: "
+              f"{SMOOTH_AUTO:g} with --bits when every block has the Llama-style norm -> q/k/v and norm -> gate/up "
+              f"pairs, else off); for graphs that quantize activations, e.g. ONNX at accuracy_level 4",
+        metavar="ALPHA", parse="alpha")
     smooth_lm_head_alpha: Optional[float] = _opt(
         None, "with --quantize-lm-head: migration strength for the final norm -> lm_head pair (default: half of "
               "--smooth-alpha, 0.3 measured best on SmolLM2 for 0.6; 0: that pair unsmoothed)", metavar="ALPHA",
@@ -189,11 +194,17 @@ class SparseGPTConfig:
         self.validate()
 
     # ------------------------------------------------------------------ validation
-    @property
-    def lm_head_smoothing(self) -> float:
-        """The migration strength the final norm -> lm_head pair gets (``smooth_lm_head_alpha``, else half of
-        ``smooth_alpha``)."""
-        return self.smooth_alpha / 2 if self.smooth_lm_head_alpha is None else float(self.smooth_lm_head_alpha)
+    def resolved_smooth_alpha(self, smoothable: bool) -> float:
+        """The blocks' migration strength: ``smooth_alpha``, or for ``None`` (auto) `SMOOTH_AUTO` when ``bits`` are
+        set and ``smoothable`` (every block has both Llama-style norm pairs, `smoothing.smoothable`), else 0."""
+        if self.smooth_alpha is not None:
+            return float(self.smooth_alpha)
+        return SMOOTH_AUTO if self.bits is not None and smoothable else 0.0
+
+    def lm_head_smoothing(self, blocks_alpha: float) -> float:
+        """The migration strength the final norm -> lm_head pair gets: ``smooth_lm_head_alpha``, else half of the
+        blocks' (``blocks_alpha``, from `resolved_smooth_alpha`)."""
+        return blocks_alpha / 2 if self.smooth_lm_head_alpha is None else float(self.smooth_lm_head_alpha)
 
     def validate(self) -> None:
         """Check every option (the message names the one at fault) and normalise the spellings."""
@@ -235,9 +246,9 @@ class SparseGPTConfig:
             raise ConfigError(f"calib_batch_size: {self.calib_batch_size!r} must be a positive integer or None (auto)")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed: {self.seed!r} must be an integer")
-        if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
-                or not (0.0 <= self.smooth_alpha <= 1.0):
-            raise ConfigError(f"smooth_alpha: {self.smooth_alpha!r} must lie in [0, 1] (0: no smoothing)")
+        a = self.smooth_alpha
+        if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
+            raise ConfigError(f"smooth_alpha: {a!r} must lie in [0, 1] (0: no smoothing) or be None (auto)")
         a = self.smooth_lm_head_alpha
         if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
             raise ConfigError(f"smooth_lm_head_alpha: {a!r} must lie in [0, 1] (0: the lm_head pair unsmoothed) or be None "

@@ -17,6 +17,8 @@ from .moe import fused_experts
 
 _SSM = ("its blocks are pure state-space layers (selective scan) with no attention or MLP; sparsegpt-export "
         "compresses transformer decoder blocks (hybrids with attention layers are supported)")
+_ASSISTANT = ("an assistant (draft) model for speculative decoding: its layers attend only to the key/value states "
+              "its target model shares with it, so it cannot run on calibration text alone; compress the target model")
 _RECURRENT = ("its blocks are pure recurrent layers with no attention or MLP; sparsegpt-export compresses transformer "
               "decoder blocks")
 
@@ -27,6 +29,8 @@ REFUSED: dict[str, str] = {
     "falcon_mamba": _SSM,
     "rwkv": _RECURRENT,
     "xlstm": _RECURRENT,
+    "gemma4_assistant": _ASSISTANT,
+    "gemma4_unified_assistant": _ASSISTANT,
     "reformer": ("reversible layers that carry two hidden-state streams between blocks; sparsegpt-export walks blocks "
                  "that pass one hidden state"),
 }

@@ -69,6 +69,11 @@ def plan(block: nn.Module) -> list[tuple[str, str, tuple[str, ...]]]:
     return pairs
 
 
+def smoothable(blocks) -> bool:
+    """Whether every block has both Llama-style norm pairs (what ``smooth_alpha`` "auto" asks for)."""
+    return len(blocks) > 0 and all(sum(kind == "norm" for kind, _, _ in plan(b)) == len(NORM_PAIRS) for b in blocks)
+
+
 def _slice(value: Any, batch: int, n: int) -> Any:
     if isinstance(value, torch.Tensor):
         return value[:n] if value.dim() and value.shape[0] == batch and batch > n else value

@@ -201,3 +201,21 @@ def test_out_of_memory_is_one_clear_error_and_resumes(in_memory, tmp_path, monke
     monkeypatch.delenv("RANK")
     assert compress_tiny(saved, out, "--resume") == 0
     _same_output(root / "mem", out)
+
+
+def test_auto_batch_size_reads_per_layer_sizes():
+    """Gemma 3n lists one intermediate size per layer: the largest one sizes the batch (it was a TypeError)."""
+    from types import SimpleNamespace
+
+    from sparsegpt_export.pipeline.state import auto_batch_size
+
+    def model(**cfg):
+        return SimpleNamespace(config=SimpleNamespace(**cfg))
+
+    per_sample = 64 * (8 * 32 + 4 * 256) * 4 + 4 * 64 * 64 * 4  # seqlen 64, hidden 32, the largest size 256, 4 heads
+    budget = 10 * per_sample + 1
+    got = auto_batch_size(model(hidden_size=32, intermediate_size=[128, 256], num_attention_heads=4), 100, 64,
+                          torch.device("cpu"), budget=budget)
+    assert got == 10
+    assert auto_batch_size(model(hidden_size=32, intermediate_size=256, num_attention_heads=4), 100, 64,
+                           torch.device("cpu"), budget=budget) == 10

@@ -429,12 +429,14 @@ def test_shared_kv_buffer_writes_in_place(compressed, tmp_path):
 
 def test_default_accuracy_level_follows_smoothing(compressed, tmp_path, capsys):
     """``--accuracy-level auto`` (the default): level 1 (float compute) for an unsmoothed compress output, level 4
-    (int8 activations) for one compressed with --smooth-alpha; the choice and its reason in the sidecar."""
+    (int8 activations) for a smoothed one (--smooth-alpha, or compress's default with --bits on a Llama-style
+    model); the choice and its reason in the sidecar."""
     from sparsegpt_export.cli import main
 
     tmp, saved, _ = compressed
     assert compress_tiny(saved, tmp_path / "cs", "--smooth-alpha", "0.5") == 0
-    for src, level in ((tmp / "c", 1), (tmp_path / "cs", 4)):
+    assert compress_tiny(saved, tmp_path / "c0", "--smooth-alpha", "0") == 0
+    for src, level in ((tmp_path / "c0", 1), (tmp_path / "cs", 4), (tmp / "c", 4)):
         out = tmp_path / f"o-{src.name}"
         assert main(["export", str(src), "--format", "onnx", "--out", str(out)]) == 0
         side = json.loads((out / "sparsegpt_onnx.json").read_text())

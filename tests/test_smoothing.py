@@ -91,12 +91,34 @@ def test_smoothing_bad_input(calib):
         SparseGPTConfig(smooth_alpha=True)
     with pytest.raises(ConfigError, match="smooth_lm_head_alpha"):
         SparseGPTConfig(smooth_lm_head_alpha=-0.1)
-    assert SparseGPTConfig(smooth_alpha=0.6).lm_head_smoothing == 0.3
-    assert SparseGPTConfig(smooth_alpha=0.6, smooth_lm_head_alpha=0.6).lm_head_smoothing == 0.6
-    assert SparseGPTConfig(smooth_alpha=0.6, smooth_lm_head_alpha=0).lm_head_smoothing == 0.0
+    assert SparseGPTConfig(smooth_alpha=0.6).lm_head_smoothing(0.6) == 0.3
+    assert SparseGPTConfig(smooth_alpha=0.6, smooth_lm_head_alpha=0.6).lm_head_smoothing(0.6) == 0.6
+    assert SparseGPTConfig(smooth_alpha=0.6, smooth_lm_head_alpha=0).lm_head_smoothing(0.6) == 0.0
+    with pytest.raises(ConfigError, match="smooth_alpha"):
+        SparseGPTConfig(smooth_alpha="auto")  # the library spells auto None; the command line takes "auto"
     with pytest.raises(ConfigError, match=r"smooth_alpha: block model\.decoder\.layers\.0 \(OPTDecoderLayer\)"):
         compress_model(make_model("opt"), calib, SparseGPTConfig(pattern="2:4", bits=4, group_size=32, nsamples=8,
                                                                  seqlen=32, smooth_alpha=0.5), progress=False)
+
+
+def test_auto_smoothing(calib):
+    """The default (None, "auto"): SMOOTH_AUTO on Llama-style blocks with bits, nothing without bits or on blocks
+    that lack the norm pairs (OPT), and the export's accuracy level follows the report."""
+    from sparsegpt_export.config import SMOOTH_AUTO
+
+    cfg = SparseGPTConfig(pattern="2:4", bits=4, group_size=32, nsamples=8, seqlen=32)
+    assert cfg.smooth_alpha is None and SparseGPTConfig.from_dict(cfg.to_dict()).smooth_alpha is None
+    assert cfg.resolved_smooth_alpha(True) == SMOOTH_AUTO and cfg.resolved_smooth_alpha(False) == 0.0
+    assert SparseGPTConfig(bits=None).resolved_smooth_alpha(True) == 0.0
+    assert SparseGPTConfig(smooth_alpha=0.0).resolved_smooth_alpha(True) == 0.0
+    res = compress_model(_with_outliers("llama"), calib, cfg, progress=False)
+    rep = res.report["smoothing"]
+    assert rep["alpha"] == SMOOTH_AUTO and rep["auto"] is True and [b["block"] for b in rep["blocks"]] == [0, 1]
+    plain = compress_model(_with_outliers("llama"), calib, SparseGPTConfig.from_dict({**cfg.to_dict(), "bits": None}),
+                           progress=False)
+    assert "smoothing" not in plain.report
+    opt = compress_model(make_model("opt"), calib, cfg, progress=False)  # no norm pairs: not smoothed, no error
+    assert "smoothing" not in opt.report and opt.report["summary"]["layers_compressed"] > 0
 
 
 def test_cli_smooth_alpha(tmp_path, capsys):
@@ -114,6 +136,10 @@ def test_cli_smooth_alpha(tmp_path, capsys):
     report = json.loads((tmp_path / "h" / "sparsegpt_report.json").read_text())
     assert report["smoothing"]["lm_head_alpha"] == 0.3 and report["smoothing"]["blocks"][-1]["block"] == "lm_head"
     assert json.loads((tmp_path / "h" / "sparsegpt_config.json").read_text())["smooth_lm_head_alpha"] == 0.3
+    assert compress_tiny(saved, tmp_path / "off", "--smooth-alpha", "0") == 0
+    assert "smoothing" not in json.loads((tmp_path / "off" / "sparsegpt_report.json").read_text())
+    assert compress_tiny(saved, tmp_path / "auto", "--smooth-alpha", "auto") == 0
+    assert json.loads((tmp_path / "auto" / "sparsegpt_config.json").read_text())["smooth_alpha"] is None
     assert compress_tiny(saved, tmp_path / "bad", "--smooth-alpha", "2") == 2
     assert "smooth_alpha" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

@@ -3,10 +3,14 @@ compression its own process run alone (wall time and that process's peak RSS), t
 
 Rows (the README's default command, 2:4 + 4-bit g128 sym, unless "2:4" alone):
 
-- ``obs``: SparseGPT's sweep (``--update obs``: the default before this issue);
-- ``default``: the README's command as it is now (``--update auto``: the new ADMM for N:M);
-- ``admm-40``: ADMM as before (40 iterations);
+- ``obs``: SparseGPT's sweep, unsmoothed (``--update obs --smooth-alpha 0``: the default before this issue);
+- ``default``: the README's command as it is now (``--update auto``: the new ADMM for N:M; ``--smooth-alpha
+  auto``: smoothing 0.6 with 4-bit on Llama-style models); ``unsmoothed``: the same with ``--smooth-alpha 0``
+  (the default of commit 13702dc and before);
+- ``admm-40``: ADMM as before (40 iterations, unsmoothed);
 - ``reconstruct-N``: the default plus ``--reconstruct-steps N``.
+
+2:4 alone is never smoothed by default (``auto`` smooths only with ``--bits``).
 
     python -m benchmarks.studies.best_quality [--rows dense,obs-w4,...] [--out benchmarks/results]
 
@@ -29,14 +33,16 @@ W4 = ["--pattern", "2:4", "--bits", "4", "--group-size", "128", "--sym"]
 P24 = ["--pattern", "2:4", "--bits", "none"]
 ROWS = {
     "dense": None,
-    "obs / 2:4+w4": [*W4, "--update", "obs"],
-    "default (new ADMM) / 2:4+w4": W4,
+    "obs / 2:4+w4": [*W4, "--update", "obs", "--smooth-alpha", "0"],
+    "ADMM, unsmoothed / 2:4+w4": [*W4, "--smooth-alpha", "0"],
+    "default (ADMM + smoothing) / 2:4+w4": W4,
     "obs / 2:4": [*P24, "--update", "obs"],
     "default (new ADMM) / 2:4": P24,
     "reconstruct-64 / 2:4": [*P24, "--reconstruct-steps", "64"],
+    "reconstruct-64, unsmoothed / 2:4+w4": [*W4, "--smooth-alpha", "0", "--reconstruct-steps", "64"],
     "reconstruct-64 / 2:4+w4": [*W4, "--reconstruct-steps", "64"],
     "reconstruct-32 / 2:4": [*P24, "--reconstruct-steps", "32"],
-    "admm-40 (as before) / 2:4+w4": [*W4, "--update", "admm", "--refine-steps", "40"],
+    "admm-40 (as before) / 2:4+w4": [*W4, "--update", "admm", "--refine-steps", "40", "--smooth-alpha", "0"],
 }
 NAME = "best_quality"
 

@@ -1,11 +1,12 @@
 """Benchmark: SmolLM2-135M 2:4 + 4-bit as ONNX graphs in ONNX Runtime on CPU, against the float32 graph and torch.
 
-    python -m benchmarks.studies.onnx_cpu [--threads 2] [--repeats 5] [--decode 64] [--smooth-alpha 0] [--onnx-graph gqa|traced]
+    python -m benchmarks.studies.onnx_cpu [--threads 2] [--repeats 5] [--decode 64] [--smooth-alpha auto|A] [--onnx-graph gqa|traced]
                                   [--accuracy-level L] [--work DIR] [--out DIR]
 
 1. compress (unless ``--work`` already holds the outputs, made with the same options): SmolLM2-135M-Instruct to 2:4 +
-   4-bit g128 symmetric on the fixed calibration tokens (``calib-smollm2-c4-128x512.safetensors``, 128 x 512), by
-   default without smoothing (the README's default compress command; ``--smooth-alpha A`` to smooth), once as is and
+   4-bit g128 symmetric on the fixed calibration tokens (``calib-smollm2-c4-128x512.safetensors``, 128 x 512),
+   by default as the README's default compress command does (``--smooth-alpha auto``: smoothed at 0.6; ``0``: not
+   smoothed; ``A``: at A), once as is and
    once with ``--quantize-lm-head``;
 2. export three graphs with the CLI (``--onnx-graph gqa`` unless told otherwise), with the export's default
    ``--accuracy-level`` unless ``--accuracy-level`` is given: ``--onnx-quant none`` (float32, the baseline),
@@ -238,15 +239,15 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--prefill", type=int, default=512, help="the long prompt's tokens (WikiText-2), default 512")
     ap.add_argument("--decode", type=int, default=64, help="new tokens per speed run (default 64)")
     ap.add_argument("--ppl-windows", type=int, default=16)
-    ap.add_argument("--smooth-alpha", type=float, default=0.0,
-                    help="compress with --smooth-alpha (default 0: none, the README's default compress command); see "
-                         "benchmarks/onnx_smoothing.py")
+    ap.add_argument("--smooth-alpha", type=_alpha, default=None,
+                    help="compress with --smooth-alpha (default auto: compress's own default, the README's command; 0: "
+                         "none); see benchmarks/studies/onnx_smoothing.py")
     ap.add_argument("--smooth-lm-head-alpha", type=float, default=None,
                     help="the --quantize-lm-head model's --smooth-lm-head-alpha (default: compress's own default)")
     ap.add_argument("--accuracy-level", default=None,
                     help="export with this --accuracy-level (default: the export's own default)")
     ap.add_argument("--work", default=None,
-                    help="work folder (default ~/.cache/sparsegpt-export/bench-onnx, -smooth<alpha> when smoothing); "
+                    help="work folder (default ~/.cache/sparsegpt-export/bench-onnx, -smooth<alpha> with an explicit alpha); "
                          "compress outputs already in <work>/c-plain and <work>/c-lmhead made with the same options are "
                          "reused")
     ap.add_argument("--out", default=str(RESULTS))
@@ -261,19 +262,29 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def _alpha(v: str):
+    return None if v == "auto" else float(v)
+
+
+def _smoothing_text(alpha) -> str:
+    if alpha is None:
+        return "the default compress: --smooth-alpha auto"
+    return f"--smooth-alpha {alpha:g}" if alpha else "no smoothing (--smooth-alpha 0)"
+
+
 def compress_outputs(args, work: Path, log: Log) -> tuple[dict, set]:
     """The plain and the ``--quantize-lm-head`` compress outputs in ``work`` (made unless there with these options),
     and which of them this run made."""
     src = {"plain": work / "c-plain", "lmhead": work / "c-lmhead"}
     alpha, head = args.smooth_alpha, args.smooth_lm_head_alpha
-    smooth = ["--smooth-alpha", str(alpha)] if alpha else []
+    smooth = ["--smooth-alpha", str(alpha)] if alpha is not None else []
     head_flags = ["--smooth-lm-head-alpha", str(head)] if head is not None else []
     fresh = set()
     for key, extra, want in (("plain", [], {}), ("lmhead", ["--quantize-lm-head", *head_flags],
                                                  {"quantize_lm_head": True, "smooth_lm_head_alpha": head})):
         cfg = src[key] / "sparsegpt_config.json"
         have = json.loads(cfg.read_text()) if cfg.is_file() else None
-        if have is None or have.get("smooth_alpha", 0.0) != alpha or any(have.get(k) != v for k, v in want.items()):
+        if have is None or have.get("smooth_alpha") != alpha or any(have.get(k) != v for k, v in want.items()):
             sh([sys.executable, "-m", "sparsegpt_export", "compress", "smollm2-135m", *COMPRESS, *smooth, *extra,
                 "--out", str(src[key]), "--overwrite", "--no-progress"], log)
             fresh.add(key)
@@ -385,7 +396,7 @@ def write_report(result: dict, args, out_dir: Path, stem: str, log: Log) -> None
 
     (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     alpha, head = args.smooth_alpha, args.smooth_lm_head_alpha
-    smoothing = (f"--smooth-alpha {alpha:g}" if alpha else "no smoothing (the default compress)") + (
+    smoothing = _smoothing_text(alpha) + (
         f", the lm_head model --smooth-lm-head-alpha {head:g}" if head is not None else "")
     md = [f"SmolLM2-135M-Instruct 2:4 + int4 g128 sym ({smoothing}), ONNX Runtime {ort.__version__} CPU, "
           f"{args.threads} threads, {result['onnx_graph']} graph; accuracy_level as exported: "
@@ -426,7 +437,7 @@ def main() -> int:
     log = Log(out_dir / f"{stem}.log")
     alpha = args.smooth_alpha
     work = Path(args.work) if args.work else (
-        Path.home() / ".cache" / "sparsegpt-export" / ("bench-onnx" + (f"-smooth{alpha:g}" if alpha else "")))
+        Path.home() / ".cache" / "sparsegpt-export" / ("bench-onnx" + ("" if alpha is None else f"-smooth{alpha:g}")))
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     import onnxruntime as ort

@@ -50,6 +50,7 @@ class ChunkRun:
         self.thread: Optional[threading.Thread] = None
         self.out: Optional[torch.Tensor] = None
         self.keys: dict[str, tuple] = {}  # this forward: layer -> the key of the input it stopped with
+        self.passed: set[str] = set()  # this forward: solved layers already called once (Zaya calls one twice)
         self.input_key: Optional[tuple] = None  # the input of the last layer this forward stopped at
         self.input: Optional[torch.Tensor] = None  # ... held, so that no later tensor takes its address
 
@@ -142,6 +143,9 @@ class BlockRun:
         key = (x.data_ptr(), tuple(x.shape))
         if lname in self.solved:
             first = self.group_of.get(lname, [lname])[0]
+            if lname in run.passed:  # a second call in one forward (on another input) is not the shared one
+                return
+            run.passed.add(lname)
             if first != lname and first in run.keys and run.keys[first] != key:
                 raise SolverError(
                     f"layer {lname}: it was solved with {first}, whose input it shared in the first window, but here "

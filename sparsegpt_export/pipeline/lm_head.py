@@ -29,7 +29,7 @@ def quantize_lm_head(state: RunState, model: nn.Module, chunks) -> Optional[floa
     for mod, _ in moved:
         mod.to(state.device)
     factor = None
-    alpha = state.config.lm_head_smoothing
+    alpha = state.config.lm_head_smoothing(state.smooth_alpha)
     try:
         if alpha and len(tail) == 1:
             factor = smoothing.smooth_head(norm, lm, (hs for hs, _ in chunks), alpha, d=state.dist)

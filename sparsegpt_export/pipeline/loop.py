@@ -111,7 +111,7 @@ def start(model: nn.Module, calib: torch.Tensor, config: SparseGPTConfig, device
                      scale_dtype=scale_dtype, hdtype=torch.float64 if config.hessian_dtype == "float64" else torch.float32,
                      plan={}, dist=d, store=store, ckpt=Path(checkpoint_dir) if checkpoint_dir else None,
                      run_key=run_key(config, calib, model_name, len(blocks), d.world if d else 1), model_name=model_name,
-                     hessian_group=group)
+                     hessian_group=group, smooth_alpha=config.resolved_smooth_alpha(smoothing.smoothable(blocks)))
     t = time.perf_counter()
     if d is None or d.is_main:  # the scores need the whole calibration set: rank 0 plans, the others receive it
         state.plan = plan_layers(model, path, blocks, calib, config, progress=progress, model_name=model_name,
@@ -235,7 +235,7 @@ def compress_block(state: RunState, bi: int, chunks: list, spill: bool, smoothed
         state.store.fetch(bi, block, device)
     else:
         block.to(device)
-    if config.smooth_alpha:
+    if state.smooth_alpha:
         smoothed.append(_smooth(state, bi, block, _OnDevice(chunks, device) if spill else chunks))
     todo = {k: v for k, v in ((f"{state.path}.{bi}.{n}", m) for n, m in block_linears(block).items())
             if is_selected(k, config.targets, config.ignore)}
@@ -269,7 +269,7 @@ def compress_block(state: RunState, bi: int, chunks: list, spill: bool, smoothed
 
 def _smooth(state: RunState, bi: int, block: nn.Module, chunks) -> dict:
     t = time.perf_counter()
-    factors = smoothing.smooth_block(block, chunks, state.config.smooth_alpha, state.dist)
+    factors = smoothing.smooth_block(block, chunks, state.smooth_alpha, state.dist)
     if factors is None:
         raise ConfigError(
             f"smooth_alpha: block {state.path}.{bi} ({type(block).__name__}) has none of the Llama-style pairs it "

@@ -37,6 +37,11 @@ def _identity(*args: Any, **kwargs: Any) -> Any:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _identity_pair(*args: Any, **kwargs: Any) -> Any:
+    """For decoders whose blocks return (hidden states, state for the next block), e.g. Kolibri's index pool."""
+    return _identity(*args, **kwargs), None
+
+
 @torch.no_grad()
 def per_block_kwargs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch: int,
                      device: torch.device) -> Optional[list[list[dict]]]:
@@ -57,26 +62,31 @@ def per_block_kwargs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tenso
 
     handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     moved = _to_device(model, blocks, device)
-    for b in blocks:
-        b.forward = _identity
     try:
-        for i in range(0, calib.shape[0], batch):
-            row = []
-            try:
-                model(input_ids=calib[i:i + batch].to(device), use_cache=False)
-                return None  # the last block was never called
-            except _Stop:
-                out.append(row)
-            except Exception:  # noqa: BLE001  (a forward that needs real block outputs: keep the first block's)
-                return None
+        for identity in (_identity, _identity_pair):
+            for b in blocks:
+                b.forward = identity
+            out = []
+            for i in range(0, calib.shape[0], batch):
+                row = []
+                try:
+                    model(input_ids=calib[i:i + batch].to(device), use_cache=False)
+                    return None  # the last block was never called
+                except _Stop:
+                    out.append(row)
+                except Exception:  # noqa: BLE001  (the model's loop wants another block output: the next identity)
+                    out = None
+                    break
+            if out is not None:
+                break
     finally:
         for b in blocks:
-            del b.forward
+            b.__dict__.pop("forward", None)
         for h in handles:
             h.remove()
         for t, dev in moved:
             t.data = t.data.to(dev)
-    return out if out and all(len(r) == len(blocks) for r in out) else None
+    return out if out and all(len(r) == len(blocks) for r in out) else None  # None: keep the first block's
 
 
 def _to_device(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> list:

@@ -33,10 +33,11 @@ def build_report(state: RunState, *, nsamples: int, seqlen: int, batch: int, spi
         "profile": {k: round(v, 3) for k, v in state.prof.items()},
         "warnings": [r["warning"] for r in rows if "warning" in r] + plan["notes"],
     }
-    if config.smooth_alpha or smoothed:
-        report["smoothing"] = {"alpha": config.smooth_alpha, "windows": smoothing.WINDOWS, "blocks": smoothed}
+    if state.smooth_alpha or smoothed:
+        report["smoothing"] = {"alpha": state.smooth_alpha, "auto": config.smooth_alpha is None,
+                               "windows": smoothing.WINDOWS, "blocks": smoothed}
         if config.quantize_lm_head:
-            report["smoothing"]["lm_head_alpha"] = config.lm_head_smoothing
+            report["smoothing"]["lm_head_alpha"] = config.lm_head_smoothing(state.smooth_alpha)
     if plan["method"]:
         report["allocation"] = {k: plan.get(k) for k in ("method", "sensitivity", "cache", "notes", "dense", "mixed")}
     if state.reconstructed:

@@ -43,14 +43,29 @@ def available_bytes(device: torch.device) -> int:
         return 8 << 30
 
 
+def _size(cfg: Any, *names: str) -> Optional[int]:
+    """The first of the config attributes ``names`` that is set; per-layer lists (Gemma 3n's intermediate sizes)
+    give their largest entry. None when none is set or readable."""
+    for name in names:
+        try:
+            v = getattr(cfg, name, None)
+        except Exception:  # noqa: BLE001  (a per-layer attribute that a heterogeneous config refuses to read globally)
+            v = None
+        if isinstance(v, (list, tuple)):
+            v = max((x for x in v if isinstance(x, int)), default=None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
 def auto_batch_size(model: nn.Module, nsamples: int, seqlen: int, device: torch.device,
                     budget: Optional[float] = None) -> int:
     """How many calibration windows go through a block at once: all of them when the activations fit in
     ``budget`` bytes (default: 35% of the device's free memory)."""
     cfg = getattr(model, "config", None)
-    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1024)
-    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 16)
+    hidden = _size(cfg, "hidden_size", "n_embd") or 1024
+    inter = _size(cfg, "intermediate_size", "n_inner") or 4 * hidden
+    heads = _size(cfg, "num_attention_heads", "n_head") or 16
     per_sample = seqlen * (8 * hidden + 4 * inter) * 4 + heads * seqlen * seqlen * 4
     budget = 0.35 * available_bytes(device) if budget is None else budget
     return max(1, min(nsamples, int(budget // max(per_sample, 1))))
@@ -118,6 +133,7 @@ class RunState:
     per_block: Optional[list] = None  # [chunk][block] keyword arguments of decoders with several layer kinds
     experts: Any = None  # moe.ExpertsContext: fused 3-D experts
     model_name: str = ""
+    smooth_alpha: float = 0.0  # the blocks' smoothing strength (config.resolved_smooth_alpha): 0 for none
     bar: Any = None
     records: dict[str, LayerRecord] = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
