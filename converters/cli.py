@@ -34,7 +34,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
                    help="onnx: 4-bit layers as com.microsoft.MatMulNBits (default), as opset-21 INT4 "
                         "DequantizeLinear + MatMul (qdq), or a float32 graph (none)")
     p.add_argument("--accuracy-level", type=_accuracy_level, default="auto", metavar="{auto,0,1,2,3,4}",
-                   help="onnx: MatMulNBits accuracy_level. auto (default): 4 (int8 activations on CPU, the fastest) "
+                   help="onnx: MatMulNBits accuracy_level. auto (default): 4 (int8 activations per 32 columns on CPU, the "
+                        "fastest) "
                         "when the model was smoothed (compress --smooth-alpha; its default with --bits on Llama-style "
                         "models), which keeps level 4 close to torch; "
                         "otherwise 1 (float compute, as accurate as the float graph); 0-4: that level")

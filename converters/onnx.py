@@ -19,7 +19,9 @@ graph is made:
      symmetric grids leave out the zero points (MatMulNBits' default is 8, ours too), asymmetric ones store
      them packed. ``accuracy_level`` is written on every node: by default (``auto``) 4, int8 activations on CPU
      (the fastest), when the compress output was smoothed (``--smooth-alpha``, by default on with ``--bits`` for
-     Llama-style models: ``smoothing`` in its ``sparsegpt_report.json``), which keeps level 4 within 2e-2 of torch on SmolLM2, and 1 (float compute, as
+     Llama-style models: ``smoothing`` in its ``sparsegpt_report.json``), with blocks of at most 32 columns
+     (``INT8_BLOCK``: the activations are rounded to int8 per block), which keeps level 4 within 2e-2 of torch on
+     SmolLM2, and 1 (float compute, as
      accurate as the float graph) when it was not, since int8 activations with outlier channels cost 3.8e-2 there
      (`default_accuracy_level`);
    - ``qdq``: the portable opset-21 ``DequantizeLinear`` (INT4 weights [in, out], ``block_size`` = the group
@@ -143,12 +145,18 @@ def _translation_installed():
 
 
 # ---------------------------------------------------------------------------------------------- tensors from codes
-def _block_size(name: str, group: Optional[int], cols: int) -> int:
-    """MatMulNBits' block: the largest power of two (>= 16) that divides the group size (128 for per-channel
-    grids) and, where one >= 16 does, the columns too, so the last block is not padded (SmolLM2's 576 columns
-    with groups of 128 get blocks of 64: 9 full blocks instead of 4.5). Each block lies inside one group, so
-    repeating the group's scale is exact. At ``accuracy_level`` 4 the activations are quantized to int8 per
-    block as well, so the smaller block is also the more accurate one."""
+# At accuracy_level 4 MatMulNBits rounds the activations to int8 per block of the weight: blocks of at most 32
+# columns. On the default SmolLM2 compress output (2:4 + 4-bit g128, ADMM, smoothed at 0.6) the logits' relative
+# error went from 2.10e-2 (blocks of 64) to 1.46e-2, at 0.94x the decode speed through generate() (2.32x against
+# 2.46x the float32 graph; benchmarks/results/onnx_default_level_smoothed.log).
+INT8_BLOCK = 32
+
+def _block_size(name: str, group: Optional[int], cols: int, largest: Optional[int] = None) -> int:
+    """MatMulNBits' block: the largest power of two (>= 16, <= ``largest`` when given) that divides the group size
+    (128 for per-channel grids) and, where one >= 16 does, the columns too, so the last block is not padded
+    (SmolLM2's 576 columns with groups of 128 get blocks of 64: 9 full blocks instead of 4.5). Each block lies
+    inside one group, so repeating the group's scale is exact. At ``accuracy_level`` 4 the activations are
+    quantized to int8 per block as well, so the smaller block is also the more accurate one (`INT8_BLOCK`)."""
     bs = (group or 128) & -(group or 128)
     if bs < 16:
         raise OnnxExportError(
@@ -158,7 +166,8 @@ def _block_size(name: str, group: Optional[int], cols: int) -> int:
     fit = bs
     while fit >= 16 and cols % fit:
         fit //= 2
-    return fit if fit >= 16 else bs
+    fit = fit if fit >= 16 else bs
+    return min(fit, largest) if largest else fit
 
 
 def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -167,10 +176,11 @@ def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
 
 
 def matmulnbits_tensors(name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                        group: Optional[int]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """``B`` uint8 [N, blocks, bs/2], ``scales`` float32 [N*blocks] and (asymmetric) packed ``zero_points``."""
+                        group: Optional[int], accuracy_level: int = 1) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """``B`` uint8 [N, blocks, bs/2], ``scales`` float32 [N*blocks] and (asymmetric) packed ``zero_points``; at
+    ``accuracy_level`` 4 the blocks are at most `INT8_BLOCK` columns."""
     rows, cols = codes.shape
-    bs = _block_size(name, group, cols)
+    bs = _block_size(name, group, cols, INT8_BLOCK if int(accuracy_level) == 4 else None)
     nblocks = -(-cols // bs)
     gidx = torch.arange(nblocks) * bs // (group or cols)  # the group each block lies in
     padded = torch.zeros(rows, nblocks * bs, dtype=torch.uint8)
@@ -216,7 +226,8 @@ def quant_linear_nodes(name: str, x, spec: dict, onnx_quant: str, accuracy_level
     import onnx_ir as ir
 
     if onnx_quant == "matmulnbits":
-        t, attrs = matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
+        t, attrs = matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"],
+                                       accuracy_level)
         inputs = [x, init("qweight", t["B"]), init("scales", t["scales"])]
         if "zero_points" in t:
             inputs.append(init("zero_points", t["zero_points"]))
@@ -284,8 +295,9 @@ def default_accuracy_level(src: str | os.PathLike) -> tuple[int, str]:
 
     Level 4 quantizes the activations to int8 per block of the weight; SmolLM2's norm outputs have outlier channels
     that coarsen their whole block, so its unsmoothed 2:4 + int4 model lands 3.8e-2 (relative norm of the logits)
-    from torch at level 4, 1.8e-6 at level 1; smoothed with ``--smooth-alpha 0.6`` it stays at 1.75e-2 at level 4
-    (``benchmarks/results/onnx_default_level.log``, ``onnx_smoothing.md``). So: 4 when the model was smoothed, else 1.
+    from torch at level 4, 1.8e-6 at level 1; smoothed (``--smooth-alpha``, compress's default with 4-bit on
+    Llama-style models) it stays at 1.46e-2 at level 4 with blocks of `INT8_BLOCK` (ADMM weights;
+    ``benchmarks/results/onnx_default_level*.log``, ``onnx_smoothing.md``). So: 4 when the model was smoothed, else 1.
     """
     report = Path(src) / REPORT_FILE
     try:
@@ -294,7 +306,7 @@ def default_accuracy_level(src: str | os.PathLike) -> tuple[int, str]:
         smoothing = None
     alpha = (smoothing or {}).get("alpha") or 0
     if alpha:
-        return 4, f"smoothed (smooth_alpha {alpha:g} in {REPORT_FILE}): int8 activations"
+        return 4, f"smoothed (smooth_alpha {alpha:g} in {REPORT_FILE}): int8 activations per {INT8_BLOCK} columns"
     return 1, f"not smoothed ({REPORT_FILE} has no smoothing): float compute, int8 activations would cost accuracy"
 
 
@@ -376,7 +388,8 @@ class _GqaLinears:
 
     def _tensors(self, name: str):
         spec = self.layers[name]
-        return matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"])
+        return matmulnbits_tensors(name, spec["codes"], spec["scales"], spec["zeros"], spec["group_size"],
+                                   self.accuracy_level)
 
     def _packing(self, names: list[str], quantized: list[bool]):
         """How several layers go into one matmul: their MatMulNBits tensors, ``"float"``, or None (they cannot)."""

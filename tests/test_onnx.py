@@ -444,6 +444,13 @@ def test_default_accuracy_level_follows_smoothing(compressed, tmp_path, capsys):
         nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
         assert len(nodes) == 8 and all(
             next(a.i for a in n.attribute if a.name == "accuracy_level") == level for n in nodes)
+    assert compress_tiny(saved, tmp_path / "g64", "--group-size", "64") == 0  # level 4: int8 blocks of 32 columns
+    for level, block in ((4, 32), (1, 64)):
+        out = tmp_path / f"g64-{level}"
+        assert main(["export", str(tmp_path / "g64"), "--format", "onnx", "--accuracy-level", str(level),
+                     "--out", str(out)]) == 0
+        nodes = [n for n in onnx.load(str(out / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+        assert {next(a.i for a in n.attribute if a.name == "block_size") for n in nodes} == {block}
     out = tmp_path / "o-given"
     assert main(["export", str(tmp / "c"), "--format", "onnx", "--accuracy-level", "4", "--out", str(out)]) == 0
     assert json.loads((out / "sparsegpt_onnx.json").read_text())["accuracy_level_choice"] == "given"
@@ -489,5 +496,7 @@ def test_matmulnbits_block_size_avoids_padding():
     assert _block_size("l", None, 576) == 64  # per-channel grids as groups of 128
     assert _block_size("l", 96, 576) == 32
     assert _block_size("l", 48, 100) == 16  # nothing >= 16 divides 100: padded blocks of 16
+    assert _block_size("l", 128, 576, largest=32) == 32  # accuracy_level 4: int8 activations per 32 columns
+    assert _block_size("l", 48, 100, largest=32) == 16
     with pytest.raises(OnnxExportError, match="layer l: group size 24"):
         _block_size("l", 24, 96)

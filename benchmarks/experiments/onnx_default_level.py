@@ -1,12 +1,13 @@
-"""Issue #29 experiment: which MatMulNBits setting keeps an *unsmoothed* compress output (the README's default
-compress command) within 2e-2 of torch at the best decode speed.
+"""Issue #29 experiment: which MatMulNBits setting keeps a compress output (first the unsmoothed README default,
+then the smoothed one once smoothing became compress's default) within 2e-2 of torch at the best decode speed.
 
     python -m benchmarks.experiments.onnx_default_level C_PLAIN INT4_GRAPH FLOAT32_GRAPH [--policies all4,all1,...] [--repeats 3]
 
 Each policy rewrites the int4 graph in memory: ``allL`` every MatMulNBits at accuracy_level L; ``normL`` the nodes
 that read a norm's output (packed q/k/v, gate/up, and the lm_head when quantized) at level L, the rest at 4;
 ``blkB`` every node at level 4 with blocks of B columns (the scales repeated: the same weights, but level 4 then
-quantizes the activations per B columns); ``normblkB`` blocks of B for the norm readers only. Prints, per policy, the logits' relative error against the torch model on a
+quantizes the activations per B columns); ``normblkB`` blocks of B for the norm readers only; ``NAME+NAME@L`` the
+nodes whose name holds one of the NAMEs (``down_proj``, ``o_proj``, ...) at level L, the rest at 4. Prints, per policy, the logits' relative error against the torch model on a
 512-token WikiText-2 window, and greedy decode tok/s through ``generate()`` (short prompt, 64 new tokens, prefill
 included) and of the bare loop, median over ``--repeats`` after a warm-up, the policies and the float32 graph
 interleaved. Raw output: ``benchmarks/results/onnx_default_level.log``.
@@ -38,7 +39,10 @@ def rewrite(proto, policy: str):
         if node.op_type != "MatMulNBits":
             continue
         attrs = {a.name: a for a in node.attribute}
-        if policy.startswith("all"):
+        if "@" in policy:
+            names, level = policy.split("@")
+            attrs["accuracy_level"].i = int(level) if any(k in node.name for k in names.split("+")) else 4
+        elif policy.startswith("all"):
             attrs["accuracy_level"].i = int(policy[3:])
         elif policy.startswith("norm"):
             attrs["accuracy_level"].i = int(policy[4:]) if any(k in node.name for k in NORM_READERS) else 4
