@@ -128,6 +128,9 @@ def _per_layer(defaults: Any, extra: dict[str, Any]) -> dict[str, list]:
     if isinstance(kinds, list) and len(kinds) == n:
         pick = [0, next((i for i, t in enumerate(kinds) if t != kinds[0]), 1)]
     out = {k: [v[i] for i in pick] for k, v in d.items() if isinstance(v, list) and len(v) == n}
+    for k, v in out.items():  # per-layer sizes (Gemma 3n's intermediate_size) get COMMON's size too
+        if isinstance(COMMON.get(k), int) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            out[k] = [COMMON[k]] * len(v)
     special = d.get("per_layer_config")
     if isinstance(special, dict) and special:  # Gemma 4: overrides of some layers; the first becomes layer 1
         first = special[sorted(special)[0]]
