@@ -91,6 +91,31 @@ def test_chunked_is_bit_identical_to_one_forward(calib, kw):
         assert a.scales is None or torch.equal(a.scales, b.scales)
 
 
+def test_first_chunk_runs_in_the_calling_thread(calib, monkeypatch):
+    """Issue #25: a forward in a worker thread pays a page fault for every large tensor (glibc's thread arenas), so
+    the first chunk runs in the calling thread: one chunk starts no thread; 3 chunks (8 windows by 3) start threads
+    only for the second and third, and give the one-chunk weights."""
+    import threading
+
+    started = []
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "sparsegpt-chunk":
+            started.append(self)
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    m1, m2 = make_model("llama"), make_model("llama")
+    compress_model(m1, calib, _cfg(calib_batch_size=8), progress=False)
+    assert started == []
+    compress_model(m2, calib, _cfg(calib_batch_size=3), progress=False)
+    blocks = len(find_blocks(m2)[1])
+    assert len(started) == 2 * blocks  # chunks 2 and 3 of each block, one forward each
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p1, p2)
+
+
 def test_same_seed_bit_identical(calib):
     m1, m2 = make_model("llama"), make_model("llama")
     compress_model(m1, calib, _cfg(), progress=False)

@@ -1,8 +1,8 @@
 """One block over its calibration windows, every layer compressed as soon as its calibration inputs are complete.
 
-Each chunk of windows runs the block's forward in a worker thread of its own, which stops at the pre-hook of every
-layer not yet solved. The main thread drives the chunks one at a time, in order, so nothing runs in parallel and
-the order of the arithmetic is fixed:
+Each chunk of windows runs the block's forward, which stops at the pre-hook of every layer not yet solved. The
+first chunk runs in the calling thread; every other chunk in a worker thread of its own. The chunks run one at a
+time, in order, so nothing runs in parallel and the order of the arithmetic is fixed:
 
 1. a chunk that stops at a layer reading a new input hands that input over; it is added to the layer's Hessian
    (chunk after chunk, in order);
@@ -15,6 +15,14 @@ With ``keep_paused`` (the default) a stopped chunk keeps its forward alive, so e
 exactly once: one forward per block, whatever the number of chunks or ranks. Without it (activations over
 ``--max-memory``, ``--offload disk``) a stopped chunk's forward is abandoned after handing its input over and
 re-run from the block's start in the next round, so that only one chunk's activations are alive at a time.
+
+Why the first chunk runs in the calling thread, where the round's work is then done inside its layer's pre-hook
+(``BlockRun._inline_stop``): glibc's malloc serves a thread other than the main one from an arena whose heaps hold
+at most 64 MB, so every larger tensor of a forward in a worker thread is a fresh ``mmap``, paid in page faults
+whatever ``hostmem.reuse_freed_memory`` says. On SmolLM2 (128 x 512 tokens in one chunk) a block's forward took
+6.1 s in a worker thread against 3.6 s in the main thread, with 1.0 million page faults against 0.06 million
+(``benchmarks/experiments/pipeline_speed_leads/forward_arena.py``). With one chunk, the default, no thread is
+started at all.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import functools
 import queue
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -43,8 +51,10 @@ class _Abort(BaseException):
 class ChunkRun:
     """One chunk's forward through the block, in its own thread, stopping where the main thread must see it."""
 
-    def __init__(self, block: nn.Module, hs: torch.Tensor, kw: dict, device: Optional[torch.device]):
+    def __init__(self, block: nn.Module, hs: torch.Tensor, kw: dict, device: Optional[torch.device],
+                 inline: Optional[Callable] = None):
         self.block, self.hs, self.kw, self.device = block, hs, kw, device
+        self.inline = inline  # set: the forward runs in the caller's thread and each stop calls inline(self, ...)
         self.cmd: queue.Queue = queue.Queue(maxsize=1)
         self.evt: queue.Queue = queue.Queue(maxsize=1)
         self.thread: Optional[threading.Thread] = None
@@ -58,28 +68,54 @@ class ChunkRun:
     def finished(self) -> bool:
         return self.out is not None
 
+    def _forward(self) -> torch.Tensor:
+        hs = self.hs if self.device is None else self.hs.to(self.device)
+        with torch.no_grad():
+            return first_hidden(self.block(hs, **self.kw))
+
     def _run(self) -> None:
         _local.run = self
         try:
-            hs = self.hs if self.device is None else self.hs.to(self.device)
-            with torch.no_grad():
-                out = first_hidden(self.block(hs, **self.kw))
-            self.evt.put(("done", out))
+            self.evt.put(("done", self._forward()))
         except _Abort:
             self.evt.put(("aborted", None))
         except BaseException as e:  # handed to the main thread, which raises it
             self.evt.put(("error", e))
 
+    def _fresh(self) -> None:
+        self.keys, self.passed, self.input_key, self.input = {}, set(), None, None
+
+    def _advance_inline(self) -> tuple:
+        """The whole forward in the calling thread (its stops handled by ``inline``): ("done", output), or
+        ("aborted", None) when a stop abandoned it."""
+        self._fresh()
+        outer, _local.run = getattr(_local, "run", None), self
+        try:
+            out = self._forward()
+        except _Abort:
+            return ("aborted", None)
+        finally:
+            _local.run = outer
+        self.out, self.input = out, None
+        return ("done", out)
+
     def stop(self, lname: str, x: torch.Tensor, key: tuple, shared: bool) -> None:
-        """In the worker thread: hand the layer's input over and wait for the main thread's word."""
+        """In the chunk's forward: hand the layer's input over (in a worker thread: and wait for the main thread's
+        word); raises ``_Abort`` to abandon the forward."""
+        if self.inline is not None:
+            self.inline(self, lname, x, shared)
+            return
         self.evt.put(("layer", lname, x, shared))
         if self.cmd.get() == "abort":
             raise _Abort
 
     def advance(self) -> tuple:
-        """Start or continue the forward; the next event: ("layer", name, input, shared), ("done", output)."""
+        """Start or continue the forward; the next event: ("layer", name, input, shared), ("done", output),
+        ("aborted", None) (inline only)."""
+        if self.inline is not None:
+            return self._advance_inline()
         if self.thread is None:
-            self.keys, self.input_key, self.input = {}, None, None
+            self._fresh()
             self.thread = threading.Thread(target=self._run, daemon=True, name="sparsegpt-chunk")
             self.thread.start()
         else:
@@ -108,7 +144,8 @@ class BlockRun:
                  chunks, keep_paused: bool = True, device: Optional[torch.device] = None):
         self.state, self.block, self.todo, self.keep_paused = state, block, todo, keep_paused
         self.group_of = {n: g for g in groups for n in g}
-        self.runs = [ChunkRun(block, hs, kw, device) for hs, kw in chunks]
+        self.runs = [ChunkRun(block, hs, kw, device, self._inline_stop if i == 0 else None)
+                     for i, (hs, kw) in enumerate(chunks)]
         self.solved: set[str] = set()
         self.acc: Optional[HessianAccumulator] = None
         self.H: Optional[torch.Tensor] = None  # the complete Hessian of the last input, for layers sharing it
@@ -160,21 +197,40 @@ class BlockRun:
         Hessian), or finishes. Layers that share an input whose Hessian is complete are solved on the way."""
         while not run.finished:
             ev = run.advance()
-            if ev[0] == "done":
+            if ev[0] != "layer":  # done, or (inline) abandoned after its input joined the round
                 return
-            _, lname, x, shared = ev
-            if shared and self.H is not None:
-                self._solve(lname, self.H)
+            if self._on_layer(run, *ev[1:]):
                 continue
-            if self.round_layer is None:
-                self.round_layer = lname
-            elif lname != self.round_layer:
-                raise SolverError(f"layer {lname}: a chunk of calibration windows reached it where the others reached "
-                                  f"{self.round_layer}; the block's forward must call its layers in the same order")
-            self._accumulate(lname, x, run.hs.shape[0])
             if not self.keep_paused:
                 run.abandon()
             return
+
+    def _on_layer(self, run: ChunkRun, lname: str, x: torch.Tensor, shared: bool) -> bool:
+        """A chunk stopped before ``lname``: True when the layer shares the last solved input and was solved on the
+        way (the chunk goes on); False when its input joined the round's Hessian."""
+        if shared and self.H is not None:
+            self._solve(lname, self.H)
+            return True
+        if self.round_layer is None:
+            self.round_layer = lname
+        elif lname != self.round_layer:
+            raise SolverError(f"layer {lname}: a chunk of calibration windows reached it where the others reached "
+                              f"{self.round_layer}; the block's forward must call its layers in the same order")
+        self._accumulate(lname, x, run.hs.shape[0])
+        return False
+
+    def _inline_stop(self, run: ChunkRun, lname: str, x: torch.Tensor, shared: bool) -> None:
+        """The first chunk's stop, in the calling thread. With ``keep_paused`` the round is done here: the other
+        chunks are driven to the same layer, the layer is solved, and the forward goes on; without it the forward
+        is abandoned (``_Abort``) and the round goes on in ``run``."""
+        if self._on_layer(run, lname, x, shared):
+            return
+        if not self.keep_paused:
+            raise _Abort
+        for other in self.runs[1:]:
+            self._drive(other)
+        self._solve(self.round_layer, self._complete())
+        self.round_layer, self.acc = None, None
 
     def _accumulate(self, lname: str, x: torch.Tensor, windows: int) -> None:
         t = time.perf_counter()
