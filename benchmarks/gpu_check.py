@@ -1,6 +1,8 @@
 """``python -m benchmarks gpu-check [--budget 480] [--quick] [--out DIR]``: everything a short GPU window should
-measure, in one command and inside ``--budget`` seconds (the tests get up to 35% of it, gemm runs until 50%, e2e
-until 95%): the CUDA tests, the linear shapes that matter (our int4
+measure, in one command and inside ``--budget`` seconds (the tests get up to 30% of it, the compress row starts
+before 45%, gemm runs until 55%, e2e until 95%): the CUDA tests, the README's compression of a random ~1B Llama on
+128 x 2048 random tokens, timed whole, with an ESTIMATE for ~8B from its per-block times (``compress_row``), the
+linear shapes that matter (our int4
 2:4 and fp16 2:4 kernels, dense cuBLAS, int4 dense tinygemm; eager and CUDA graph; GB/s against the measured copy
 bandwidth) and end to end (a ~1B, then a ~8B random Llama built on the GPU in fp16: prefill, decode tokens/s at
 batch 1/16/64 eager and compiled static-cache, weights on the device; headline rows first: batch-1 compiled
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from . import serving
+from .compress_row import compress_rows, compress_table
 from .harness import ROOT, device_name, environment, write_results
 from .suites import E2E_MODELS, SHAPES
 
@@ -32,10 +35,13 @@ def _plan(cuda: bool, quick: bool) -> dict[str, Any]:
         return {"shapes": QUICK_SHAPES, "tokens": [1, 16] if not cuda else [1, 16, 2048],
                 "models": {"tiny": E2E_MODELS["tiny"]},
                 "e2e": {"prefill": [(1, 64)], "decode": [1], "new_tokens": 4, "repeat": 2},
+                "compress": {"model": "tiny", "config": E2E_MODELS["tiny"], "nsamples": 4, "seqlen": 64},
                 "tests": ["tests/test_cuda.py"]}
     return {"shapes": {k: SHAPES[k] for k in GEMM_SHAPES}, "tokens": [1, 16, 64, 2048],
             "models": {k: E2E_MODELS[k] for k in ("llama-1B", "llama-8B")},
             "e2e": {"prefill": [(1, 2048), (8, 512)], "decode": [1, 16, 64], "new_tokens": 128, "repeat": 3},
+            "compress": {"model": "llama-1B", "config": E2E_MODELS["llama-1B"], "nsamples": 128, "seqlen": 2048,
+                         "large": E2E_MODELS["llama-8B"]},
             "tests": ["tests/test_cuda.py", "tests/test_kernels.py"]}
 
 
@@ -59,11 +65,14 @@ def check(device: str, quick: bool, budget: float, folder: Path) -> dict[str, An
     start = time.monotonic()
     res: dict[str, Any] = {"suite": "gpu_check", "env": environment(device), "quick": quick, "budget_s": budget}
     print(f"== tests ({', '.join(plan['tests'])})", flush=True)
-    res["tests"] = run_tests(plan["tests"], 0.35 * budget, folder / "gpu_check_tests.log")
+    res["tests"] = run_tests(plan["tests"], 0.30 * budget, folder / "gpu_check_tests.log")
     print(f"   {res['tests']['summary']}", flush=True)
+    print("== compress", flush=True)
+    res["compress"] = compress_rows(device, plan["compress"], start + 0.45 * budget)
+    print("   " + "\n   ".join(compress_table(res)[2:]), flush=True)
     print("== gemm", flush=True)
     cpu_variant = None if cuda else "torch"
-    res["gemm"] = serving.gemm_rows(device, plan["shapes"], plan["tokens"], start + 0.5 * budget, cpu_variant)
+    res["gemm"] = serving.gemm_rows(device, plan["shapes"], plan["tokens"], start + 0.55 * budget, cpu_variant)
     print("== e2e", flush=True)
     res["e2e"] = serving.e2e_rows(device, plan["models"], plan["e2e"], start + 0.95 * budget, cpu_variant)
     res["wall_s"] = round(time.monotonic() - start, 1)
@@ -146,7 +155,7 @@ def table(res: dict) -> list[str]:
     t = res["tests"]
     head = [f"gpu-check on {res['env']['device_name']} ({'quick, ' if res['quick'] else ''}budget {res['budget_s']:.0f} s, "
             f"took {res['wall_s']:.0f} s)", "", f"tests: `{t['command']}`: {t['summary']} (exit {t['rc']})", ""]
-    return head + gemm_table(res) + [""] + e2e_table(res) + ([f"", f"note: {res['note']}"] if "note" in res else [])
+    return head + compress_table(res) + [""] + gemm_table(res) + [""] + e2e_table(res) + ([f"", f"note: {res['note']}"] if "note" in res else [])
 
 
 def plot(res: dict):

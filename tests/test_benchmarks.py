@@ -91,6 +91,10 @@ def test_gpu_check_quick_on_cpu(tmp_path, capsys):
     assert "tests/test_cuda.py" in (folder / "gpu_check_tests.log").read_text()
     assert "== e2e" in (folder / "gpu_check.log").read_text()
     assert res["tests"]["rc"] == 0 and "skipped" in res["tests"]["summary"]
+    (crow,) = res["compress"]  # the tiny model compressed whole: 2 blocks x 7 layers, timed, with its profile
+    assert crow["layers"] == 14 and _positive(crow["compress_s"]) and 0 < crow["mean_rel_error"] < 1
+    assert _positive(crow["profile"]["solve_s"]) and "estimate_8B" not in crow
+    assert "compress on" in (folder / "gpu_check.md").read_text()
     for r in res["gemm"]["rows"]:
         for v in ("fp16 2:4", "int4 2:4", "int4 dense (tinygemm)"):  # each checked against dense, then timed
             assert r[v]["rel_error"] < 2e-2 and _positive(r[v]["eager"]["median_ms"]), (v, r[v])
@@ -112,3 +116,19 @@ def test_gpu_check_needs_a_gpu_without_quick(capsys):
         pytest.skip("a GPU is present")
     assert main(["gpu-check"]) == 2
     assert "--quick" in capsys.readouterr().err
+
+
+def test_compress_estimate_scales_each_part_by_its_work():
+    """gpu-check's ~8B ESTIMATE: a model estimated from itself gives its own forwards + Hessians + solves; a model
+    with twice the blocks and the same shapes twice that; wider layers scale the solve by rows x cols^2."""
+    from benchmarks.compress_row import estimate
+    from benchmarks.suites import E2E_MODELS
+
+    small = E2E_MODELS["tiny"]
+    measured = {"profile": {"block_forward_s": 2.0, "hessian_s": 1.0, "solve_s": 3.0, "checkpoint_s": 9.0}}
+    assert estimate(measured, small, small)["compress_s"] == pytest.approx(6.0)
+    assert estimate(measured, small, {**small, "num_hidden_layers": 4})["compress_s"] == pytest.approx(12.0)
+    wide = estimate(measured, small, {**small, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8,
+                                      "num_key_value_heads": 4})
+    assert wide["ESTIMATE"] and wide["weights_ratio"] == pytest.approx(4.0) and wide["solve_ratio"] == pytest.approx(8.0)
+    assert wide["compress_s"] == pytest.approx(2 * (2.0 * 4 + 1.0 * 4 + 3.0 * 8) / 2)
