@@ -49,7 +49,9 @@ class _Abort(BaseException):
 
 
 class ChunkRun:
-    """One chunk's forward through the block, in its own thread, stopping where the main thread must see it."""
+    """One chunk's forward through the block, stopping where the driving code must see it: in a thread of its own
+    (its stops are events for the main thread), or with ``inline`` in the caller's thread (its stops call
+    ``inline``)."""
 
     def __init__(self, block: nn.Module, hs: torch.Tensor, kw: dict, device: Optional[torch.device],
                  inline: Optional[Callable] = None):
