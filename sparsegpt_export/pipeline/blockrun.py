@@ -30,7 +30,7 @@ import functools
 import queue
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -50,13 +50,13 @@ class _Abort(BaseException):
 
 class ChunkRun:
     """One chunk's forward through the block, stopping where the driving code must see it: in a thread of its own
-    (its stops are events for the main thread), or with ``inline`` in the caller's thread (its stops call
-    ``inline``)."""
+    (its stops are events for the main thread), or with ``inline`` in the caller's thread (the layer's pre-hook
+    does the round's work itself)."""
 
     def __init__(self, block: nn.Module, hs: torch.Tensor, kw: dict, device: Optional[torch.device],
-                 inline: Optional[Callable] = None):
+                 inline: bool = False):
         self.block, self.hs, self.kw, self.device = block, hs, kw, device
-        self.inline = inline  # set: the forward runs in the caller's thread and each stop calls inline(self, ...)
+        self.inline = inline  # the forward runs in the caller's thread (its stops handled by BlockRun._inline_stop)
         self.cmd: queue.Queue = queue.Queue(maxsize=1)
         self.evt: queue.Queue = queue.Queue(maxsize=1)
         self.thread: Optional[threading.Thread] = None
@@ -88,8 +88,8 @@ class ChunkRun:
         self.keys, self.passed, self.input_key, self.input = {}, set(), None, None
 
     def _advance_inline(self) -> tuple:
-        """The whole forward in the calling thread (its stops handled by ``inline``): ("done", output), or
-        ("aborted", None) when a stop abandoned it."""
+        """The whole forward in the calling thread: ("done", output), or ("aborted", None) when a stop abandoned
+        it."""
         self._fresh()
         outer, _local.run = getattr(_local, "run", None), self
         try:
@@ -101,12 +101,9 @@ class ChunkRun:
         self.out, self.input = out, None
         return ("done", out)
 
-    def stop(self, lname: str, x: torch.Tensor, key: tuple, shared: bool) -> None:
-        """In the chunk's forward: hand the layer's input over (in a worker thread: and wait for the main thread's
-        word); raises ``_Abort`` to abandon the forward."""
-        if self.inline is not None:
-            self.inline(self, lname, x, shared)
-            return
+    def stop(self, lname: str, x: torch.Tensor, shared: bool) -> None:
+        """In the worker thread: hand the layer's input over and wait for the main thread's word (``_Abort``:
+        abandon the forward)."""
         self.evt.put(("layer", lname, x, shared))
         if self.cmd.get() == "abort":
             raise _Abort
@@ -114,7 +111,7 @@ class ChunkRun:
     def advance(self) -> tuple:
         """Start or continue the forward; the next event: ("layer", name, input, shared), ("done", output),
         ("aborted", None) (inline only)."""
-        if self.inline is not None:
+        if self.inline:
             return self._advance_inline()
         if self.thread is None:
             self._fresh()
@@ -146,8 +143,7 @@ class BlockRun:
                  chunks, keep_paused: bool = True, device: Optional[torch.device] = None):
         self.state, self.block, self.todo, self.keep_paused = state, block, todo, keep_paused
         self.group_of = {n: g for g in groups for n in g}
-        self.runs = [ChunkRun(block, hs, kw, device, self._inline_stop if i == 0 else None)
-                     for i, (hs, kw) in enumerate(chunks)]
+        self.runs = [ChunkRun(block, hs, kw, device, inline=i == 0) for i, (hs, kw) in enumerate(chunks)]
         self.solved: set[str] = set()
         self.acc: Optional[HessianAccumulator] = None
         self.H: Optional[torch.Tensor] = None  # the complete Hessian of the last input, for layers sharing it
@@ -192,7 +188,10 @@ class BlockRun:
             return
         shared = key == run.input_key
         run.keys[lname], run.input_key, run.input = key, key, x
-        run.stop(lname, x, key, shared)
+        if run.inline:  # no reference from the run back to this object: its chunks' tensors go with it
+            self._inline_stop(run, lname, x, shared)
+        else:
+            run.stop(lname, x, shared)
 
     def _drive(self, run: ChunkRun) -> None:
         """Run one chunk until it stops at a layer reading a new input (whose input is then added to the round's
