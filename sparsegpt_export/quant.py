@@ -100,11 +100,17 @@ def fit_params(
         return _params_from_range(xmin, xmax, spec)
     shrink = torch.tensor(_SHRINK_GRID, dtype=torch.float32, device=w.device).view(-1, 1, 1)
     scale, zero = _params_from_range(xmin.unsqueeze(0) * shrink, xmax.unsqueeze(0) * shrink, spec)  # [P, rows, 1]
-    err = (quantize(w.unsqueeze(0), scale, zero, spec.maxq) - w.unsqueeze(0)).pow(2)
-    if weight is not None:
-        err = err * weight.unsqueeze(0)
     if col_weight is not None:
-        err = err * col_weight.to(err.dtype).reshape(1, 1, -1)
-    best = err.sum(dim=2).argmin(dim=0)  # [rows]
+        cw = col_weight.to(torch.float32).reshape(1, -1)
+        weight = cw if weight is None else weight * cw  # keep is 0/1: the same products as two multiplications
+    sums = torch.empty(len(_SHRINK_GRID), w.shape[0], dtype=torch.float32, device=w.device)
+    for p in range(len(_SHRINK_GRID)):  # one shrink factor at a time: [rows, cols] temporaries, not [P, rows, cols]
+        s, z = scale[p], zero[p]
+        e = torch.div(w, s).round_().clamp_(-z, spec.maxq - z).mul_(s).sub_(w)  # = quantize(w, s, z) - w
+        e.mul_(e)
+        if weight is not None:
+            e.mul_(weight)
+        torch.sum(e, dim=1, out=sums[p])
+    best = sums.argmin(dim=0)  # [rows]
     rows = torch.arange(w.shape[0], device=w.device)
     return scale[best, rows], zero[best, rows]

@@ -14,7 +14,7 @@ from torch import nn
 from .. import hostmem
 from ..anatomy import get_weight, set_weight
 from ..records import LayerRecord
-from ..solver import SolveResult, SolverError, quad_form, row_separable, solve_layer
+from ..solver import SolveResult, SolverError, measure_error, row_separable, solve_layer
 from .sharing import solve_rows, solve_shared
 from .state import RunState
 
@@ -26,8 +26,8 @@ def one_thread():
     """Solves run on one CPU thread: the BLAS rounds a product otherwise with 2 threads than with 1, and the sweep
     amplifies that into other masks (SmolLM2: one process on 2 threads kept 92.7% of the masks of the same process on
     1 thread, which torchrun's ranks get), so a layer's solve must not depend on the process's thread count. The
-    block forwards and the Hessians keep every thread (nothing else runs while a layer is solved); a row-by-row
-    solve uses them as slices of rows, each on one BLAS thread (`solver.solve_layer`)."""
+    block forwards and the Hessians keep every thread (nothing else runs while a layer is solved); a solve uses
+    them for its matrix products, as slices of rows, each on one BLAS thread (`solver.solve_layer`)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -87,7 +87,7 @@ def solve_stacked(state: RunState, members: list[tuple[str, nn.Module]], H: torc
     for name, mod in members:
         part = _rows_of(res, lo, get_weight(mod).shape[0])
         W0 = get_weight(mod).to(state.device)
-        part.error, part.norm = quad_form(part.weight, H, W0), quad_form(W0, H)
+        part.error, part.norm = measure_error(part.weight, W0, H, state.opts.workers)
         part.rel_error = part.error / part.norm if part.norm > 0 else 0.0
         del W0
         record(state, name, mod, part, {**extra, "stacked_with": [n for n, _ in members if n != name]}, pattern,

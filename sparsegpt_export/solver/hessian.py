@@ -78,20 +78,19 @@ class HessianAccumulator:
         x = self._rows[0] if len(self._rows) == 1 else torch.cat(self._rows)
         self._rows, self._filled = [], 0
         x = x.to(device=self.device, dtype=self.dtype)
-        part = torch.zeros(self.cols, self.cols, device=self.device, dtype=self.dtype)
+        # the group's product in the Hessian's dtype, added to the float64 sum (block by block on the CPU)
         if self.device.type == "cpu" and self.cols >= 512:
-            _add_xtx_symmetric(part, x, 1.0)
+            _add_xtx_symmetric(self.sum, x)
         else:
-            part.addmm_(x.t(), x)
-        if not torch.isfinite(part).all():
-            raise SolverError(
-                f"layer {self.name or '?'}: calibration inputs contain NaN or Inf (check the model's dtype, "
-                "the calibration data, and the layers before this one)")
-        self.sum.add_(part)
+            self.sum.add_(x.t().matmul(x))
 
     def total(self) -> tuple[torch.Tensor, int]:
         """The float64 sum of ``X^T X`` (every group flushed) and the number of tokens."""
         self._flush()
+        if not torch.isfinite(self.sum).all():  # a NaN or Inf in any group's product stays in the sum
+            raise SolverError(
+                f"layer {self.name or '?'}: calibration inputs contain NaN or Inf (check the model's dtype, "
+                "the calibration data, and the layers before this one)")
         return self.sum, self.nsamples
 
     def normalized(self, total: torch.Tensor, n: int) -> torch.Tensor:
@@ -106,8 +105,9 @@ class HessianAccumulator:
         return self._H
 
 
-def _add_xtx_symmetric(H: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
-    """``H += alpha * x^T x`` computing only the upper block triangle (about a third less work on CPU)."""
+def _add_xtx_symmetric(total: torch.Tensor, x: torch.Tensor) -> None:
+    """``total += x^T x`` (``total`` float64, the product in ``x``'s dtype), computing only the upper block triangle
+    (about a third less work on CPU)."""
     d = x.shape[1]
     nb = min(4, d // 256)
     cuts = [(i * d) // nb for i in range(nb + 1)]
@@ -117,6 +117,6 @@ def _add_xtx_symmetric(H: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
         for j in range(i, nb):
             c, e = cuts[j], cuts[j + 1]
             blk = xi.t().matmul(x[:, c:e])
-            H[a:b, c:e].add_(blk, alpha=alpha)
+            total[a:b, c:e].add_(blk)
             if j > i:
-                H[c:e, a:b].add_(blk.t(), alpha=alpha)
+                total[c:e, a:b].add_(blk.t())

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 
@@ -132,6 +134,7 @@ def sparsegpt_solve(
     name: str = "",
     factor: Optional[tuple] = None,
     measure: bool = True,
+    workers: int = 1,
 ) -> SolveResult:
     """Prune (N:M when ``n`` and ``m`` are set, else unstructured at ``sparsity``) and optionally quantize ``W``.
 
@@ -141,7 +144,9 @@ def sparsegpt_solve(
     choosing it: the sweep then only quantizes the kept weights and spreads the errors (used after ADMM).
     ``factor``: the ``SolveResult.factor`` of an earlier sweep on the same ``H`` and ``damp``, reused instead of
     factorising again. ``measure=False`` skips the layer error (``error``, ``norm`` and ``rel_error`` stay 0) where
-    the caller measures it itself.
+    the caller measures it itself. ``workers``: threads for the matrix products after the sweep (the scale refit,
+    the layer error), in slices of rows; the result does not depend on it. The sweep itself runs in the calling
+    thread: its steps are small, and threads would only take turns at the interpreter.
     """
     if saliency not in SALIENCIES:
         raise SolverError(f"layer {name}: saliency {saliency!r} is not one of {SALIENCIES}")
@@ -155,7 +160,7 @@ def sparsegpt_solve(
         raise SolverError(f"layer {name}: {cols} input columns are not a multiple of M={m} for the {n}:{m} pattern")
     sweep = _Sweep.start(W0, H, factor, damp, saliency, mask, name)
     sweep.n, sweep.m, sweep.sparsity, sweep.prune = n, m, sparsity, prune
-    sweep.mask_blocksize, sweep.fit_scales_to_kept = mask_blocksize, fit_scales_to_kept
+    sweep.mask_blocksize, sweep.fit_scales_to_kept, sweep.workers = mask_blocksize, fit_scales_to_kept, workers
     sweep.set_grid(quant)
     g = quant.group_size if quant is not None else None
     if g and g < cols:
@@ -163,7 +168,7 @@ def sparsegpt_solve(
         blocksize = max(blocksize // g, 1) * g
     for i1 in range(0, cols, blocksize):
         sweep.block(i1, min(i1 + blocksize, cols))
-    return sweep.finish(W0, H, refit_scales, measure, t0)
+    return sweep.finish(W0, H, refit_scales, measure, t0, workers)
 
 
 class _Sweep:
@@ -175,9 +180,10 @@ class _Sweep:
     prune = True
     mask_blocksize = 128
     fit_scales_to_kept = True
+    workers = 1
     quant: Optional[QuantSpec] = None
     scales = zeros = None
-    grid_cache: tuple = (None, None, None)  # (group index, scale column, zero column)
+    grid_cache: tuple = (None, None, None)  # (group index, (scale, lowest, highest), zero)
 
     @classmethod
     def start(cls, W0, H, factor, damp, saliency, mask, name) -> "_Sweep":
@@ -231,76 +237,109 @@ class _Sweep:
 
     def block(self, i1: int, i2: int) -> None:
         """Columns i1:i2: mask, quantize and OBS-update column by column inside the block, then the block's errors
-        onto the columns after it (the lazy update)."""
-        W1 = self.Wf[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        onto the columns after it (the lazy update). The block is held transposed (its column ``j`` is the
+        contiguous row ``Wt[j]``), and each update is one product and one difference, each rounded: a weight's
+        bits depend neither on the layout nor on how many rows are solved together."""
+        Wt = self.Wf[:, i1:i2].t().contiguous()
+        count, rows = Wt.shape
+        Et, prod = torch.empty_like(Wt), torch.empty_like(Wt)
         U1 = self.U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
-        mask1 = self.fixed[:, i1:i2].clone() if self.fixed is not None else torch.zeros_like(W1, dtype=torch.bool)
-        for i in range(i2 - i1):
-            scale_c, zero_c = self.choose(W1, mask1, d1, i1, i)
-            w = W1[:, i]
-            q = quantize(w, scale_c[:, 0], zero_c[:, 0], self.quant.maxq) if self.quant is not None else w.clone()
-            q.masked_fill_(mask1[:, i], 0.0)
-            Q1[:, i] = q
-            err = (w - q).div_(d1[i])
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
-            Err1[:, i] = err
-        self.Wf[:, i1:i2] = Q1
-        self.mask[:, i1:i2] = mask1
+        self.d2 = d1.reshape(-1, 1) ** 2  # the saliency's denominators, once per block
+        fixed = self.fixed is not None
+        maskt = self.fixed[:, i1:i2].t().contiguous() if fixed else torch.zeros_like(Wt, dtype=torch.bool)
+        # Wt[i] is not changed after column i's step: unquantized, the kept values are Wt where not pruned
+        Qt = torch.empty_like(Wt) if self.quant is not None else None
+        dl, stops, grid, zero = d1.tolist(), self.stops(i1, count), None, Wt.new_zeros(())
+        wrows, mrows, erows, urows = Wt.unbind(0), maskt.unbind(0), Et.unbind(0), U1.unbind(0)
+        for i in range(count):
+            if i in stops:
+                grid = self.choose(Wt, maskt, d1, i1, i)
+            if Qt is None:  # err = w / d where pruned, 0 where kept (= (w - kept value) / d)
+                err = torch.where(mrows[i], wrows[i], zero, out=erows[i]).div_(dl[i])
+            else:
+                _kept_value(wrows[i], mrows[i], grid, Qt[i])
+                err = torch.sub(wrows[i], Qt[i], out=erows[i]).div_(dl[i])
+            if i + 1 < count:
+                Wt[i + 1:].sub_(torch.mul(urows[i][i + 1:, None], err, out=prod[:count - i - 1]))
+        self.Wf[:, i1:i2] = Qt.t() if Qt is not None else Wt.masked_fill_(maskt, 0.0).t()
+        self.mask[:, i1:i2] = maskt.t()
         if i2 < self.Wf.shape[1]:
-            self.Wf[:, i2:] -= Err1.matmul(self.U[i1:i2, i2:])
+            self.Wf[:, i2:] -= Et.t().contiguous().matmul(self.U[i1:i2, i2:])
 
-    def choose(self, W1, mask1, d1, i1: int, i: int):
-        """Before column ``i`` of the block: the unstructured mask of its mask block, its group's grid, and the
-        N:M mask of its group of M. Returns the column's (scale, zero) as [rows, 1], or (None, None)."""
+    def stops(self, i1: int, count: int) -> set[int]:
+        """The columns of the block where `choose` has work: its first (the grid), and the first of each quantization
+        group, group of M and unstructured mask block."""
+        stops = {0}
+        if self.quant is not None and self.g:
+            stops.update(i for i in range(count) if (i1 + i) % self.g == 0)
+        if self.n and self.fixed is None:
+            stops.update(range(0, count, self.m))
+        if self.fixed is None and self.prune and not self.n:
+            stops.update(range(0, count, self.mask_blocksize))
+        return stops
+
+    def choose(self, Wt, maskt, d1, i1: int, i: int):
+        """Before column ``i`` of the block (``Wt``, ``maskt``: the block transposed): the unstructured mask of its
+        mask block, its group's grid, and the N:M mask of its group of M. Returns the column's grid
+        ``(scale, lowest, highest)`` as [rows] tensors (the code range less the zero point), or None."""
         col = i1 + i
-        count = W1.shape[1]
+        count = Wt.shape[0]
         if self.fixed is None and self.prune and not self.n and i % self.mask_blocksize == 0:
             j2 = min(i + self.mask_blocksize, count)
-            tmp = self.cost(W1[:, i:j2] ** 2, col, d1[i:j2])
-            rows = W1.shape[0]
+            tmp = self.cost(Wt[i:j2].t() ** 2, col, d1[i:j2])
+            rows = Wt.shape[1]
             k = round(self.sparsity * rows * (col + j2 - i)) - round(self.sparsity * rows * col)
-            mask1[:, i:j2] = _choose_unstructured(tmp, k)
-        scale_c = zero_c = None
+            maskt[i:j2] = _choose_unstructured(tmp, k).t()
+        grid = None
         if self.quant is not None:
             if self.g and col % self.g == 0:
-                self.fit_group(W1, mask1, d1, i1, i)
+                self.fit_group(Wt, maskt, d1, i1, i)
             gi = col // self.g if self.g else 0
-            if self.grid_cache[0] != gi:  # the group's grid as columns, once per group
-                self.grid_cache = (gi, self.scales[:, gi].to(self.hdtype).reshape(-1, 1),
-                                   self.zeros[:, gi].to(self.hdtype).reshape(-1, 1))
-            scale_c, zero_c = self.grid_cache[1], self.grid_cache[2]
+            if self.grid_cache[0] != gi:  # the group's grid, once per group
+                scale, zero = self.scales[:, gi].to(self.hdtype), self.zeros[:, gi].to(self.hdtype)
+                self.grid_cache = (gi, (scale, -zero, self.quant.maxq - zero), zero)
+            grid = self.grid_cache[1]
         if self.n and self.fixed is None and i % self.m == 0:
-            wm = W1[:, i:i + self.m]
-            # OBS cost of dropping a weight, less what keeping it would cost anyway (its quantization error)
-            gain = wm**2 if self.quant is None else wm**2 - (wm - quantize(wm, scale_c, zero_c, self.quant.maxq)) ** 2
-            mask1[:, i:i + self.m] = _choose_nm(self.cost(gain, col, d1[i:i + self.m]), self.n, self.m)
-        return scale_c, zero_c
+            self.choose_nm(Wt[i:i + self.m], maskt[i:i + self.m], col, d1[i:i + self.m], i)
+        return grid
 
-    def fit_group(self, W1, mask1, d1, i1: int, i: int) -> None:
+    def choose_nm(self, wm, mask_m, col: int, dm, i: int) -> None:
+        """The N:M mask of one group of M columns (``wm``: [M, rows], its mask ``mask_m`` all False before, written
+        here): drop the M-N weights of least OBS cost, less what keeping them would cost anyway (their
+        quantization error)."""
+        if self.quant is None:
+            gain = wm**2
+        else:
+            scale, zero = self.grid_cache[1][0], self.grid_cache[2]
+            gain = wm**2 - (wm - quantize(wm, scale, zero, self.quant.maxq)) ** 2
+        tmp = gain / self.d2[i:i + self.m] if self.hdiag is None else self.cost(gain.t(), col, dm).t()
+        idx = torch.topk(tmp, self.m - self.n, dim=0, largest=False).indices
+        mask_m.scatter_(0, idx, True)
+
+    def fit_group(self, Wt, maskt, d1, i1: int, i: int) -> None:
         """The grid of the group starting at column ``i`` of the block, fitted to the weights that survive."""
         col = i1 + i
-        ge = min(i + self.g, W1.shape[1])
+        ge = min(i + self.g, Wt.shape[0])
+        w = Wt[i:ge].t().contiguous()
         keep = None
         if self.fixed is not None:
-            keep = ~mask1[:, i:ge]
+            keep = ~maskt[i:ge].t()
         elif self.prune and self.fit_scales_to_kept:
-            keep = ~mask1[:, i:ge] if not self.n else ~_choose_nm(self.cost(W1[:, i:ge] ** 2, col, d1[i:ge]), self.n, self.m)
-        s, z = fit_params(W1[:, i:ge].float(), self.quant, keep, 1.0 / d1[i:ge].float() ** 2)
+            keep = ~maskt[i:ge].t() if not self.n else ~_choose_nm(self.cost(w ** 2, col, d1[i:ge]), self.n, self.m)
+        s, z = fit_rows(w.float(), self.quant, keep, 1.0 / d1[i:ge].float() ** 2, self.workers)
         self.scales[:, col // self.g:col // self.g + 1], self.zeros[:, col // self.g:col // self.g + 1] = s, z
         self.grid_cache = (None, None, None)
 
-    def finish(self, W0, H, refit_scales: bool, measure: bool, t0: float) -> SolveResult:
+    def finish(self, W0, H, refit_scales: bool, measure: bool, t0: float, workers: int = 1) -> SolveResult:
         """Exact zeros on the mask, the scales refitted (with a grid), the layer error measured."""
         Wq = self.Wf.to(torch.float32)
         Wq[self.mask] = 0.0  # exact zeros (also of dead inputs already zeroed)
         scales = self.scales
         if self.quant is not None and refit_scales:
-            Wq, scales, num, den = _refit_scales(Wq, W0, H, scales, self.quant)
+            Wq, scales, num, den = _refit_scales(Wq, W0, H, scales, self.quant, workers)
         elif measure:
-            num, den = quad_form(Wq, H, W0), quad_form(W0, H)
+            num, den = quad_form(Wq, H, W0, workers=workers), quad_form(W0, H, workers=workers)
         else:
             num = den = 0.0
         return SolveResult(
@@ -311,23 +350,61 @@ class _Sweep:
         )
 
 
+def _kept_value(w: torch.Tensor, pruned: torch.Tensor, grid, out: torch.Tensor) -> None:
+    """``out`` = the column ``w`` on its grid (``(scale, lowest, highest)``; None: unquantized), 0 where pruned. The
+    same values as `quant.quantize` (``round(w/s)`` plus the zero point, clamped, is an exact integer either way)."""
+    if grid is None:
+        out.copy_(w)
+    else:
+        scale, lo, hi = grid
+        torch.div(w, scale, out=out).round_()
+        torch.clamp(out, lo, hi, out=out).mul_(scale)
+    out.masked_fill_(pruned, 0.0)
+
+
+FIT_SLICE_ROWS = 1024  # rows per thread in `fit_rows` (fewer rows: the steps are too small to gain from threads)
+
+
+def fit_rows(w: torch.Tensor, spec: QuantSpec, keep: Optional[torch.Tensor], col_weight: torch.Tensor,
+             workers: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quant.fit_params` (one grid per row) in slices of rows on ``workers`` threads; the same result."""
+    rows = w.shape[0]
+    parts = row_ranges(rows, max(FIT_SLICE_ROWS, -(-rows // max(1, workers))))
+    fits = map_rows(partial(_fit_slice, w, spec, keep, col_weight), parts, workers)
+    if len(fits) == 1:
+        return fits[0]
+    return torch.cat([f[0] for f in fits]), torch.cat([f[1] for f in fits])
+
+
+def _fit_slice(w, spec: QuantSpec, keep, col_weight, rows: slice):
+    return fit_params(w[rows], spec, None if keep is None else keep[rows], col_weight)
+
+
 def _obs_weight(U: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.diag(U).float() ** 2
 
 
-def _refit_scales(Wq, W0, H, scales, spec: QuantSpec):
+def _refit_scales(Wq, W0, H, scales, spec: QuantSpec, workers: int = 1):
     """With the mask and the integer codes fixed, choose each row's group scales by least squares in the layer
     objective ``(Wq - W) H (Wq - W)^T`` (one small [ngroups x ngroups] system per row, float64), rounded to the
     storage dtype. A row keeps its old scales unless the new ones lower its error.
     Returns ``(weight, scales, error, norm)``: the layer's ``sum (Wq-W) H (Wq-W)^T`` and ``sum W H W^T``.
+    Rows are independent: they are done in slices, whose float64 copies stay about 4 MB each, on ``workers``
+    threads.
     """
     rows, cols = Wq.shape
-    # rows are independent: do them in slices so that the float64 copies stay about 4 MB each
     step = max(1, (4 << 20) // (8 * cols))
-    if rows > step:
-        parts = [_refit_scales(Wq[r:r + step], W0[r:r + step], H, scales[r:r + step], spec) for r in range(0, rows, step)]
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), sum(p[2] for p in parts),
-                sum(p[3] for p in parts))
+    parts = map_rows(partial(_refit_rows, Wq, W0, H, scales, spec), row_ranges(rows, step, workers), workers)
+    if len(parts) == 1:
+        return parts[0]
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), sum(p[2] for p in parts),
+            sum(p[3] for p in parts))
+
+
+def _refit_rows(Wq, W0, H, scales, spec: QuantSpec, rows: slice):
+    """`_refit_scales` on the rows ``rows``."""
+    Wq, W0, scales = Wq[rows], W0[rows], scales[rows]
+    rows, cols = Wq.shape
     G = scales.shape[1]
     dev = Wq.device
     idx = torch.arange(cols, device=dev) // (spec.group_size or cols)
@@ -342,7 +419,7 @@ def _refit_scales(Wq, W0, H, scales, spec: QuantSpec):
         Ha = H[lo:hi, :].to(torch.float64)
         HW.addmm_(W0d[:, lo:hi], Ha)
         CHa = Cd[:, lo:hi].matmul(Ha)
-        A[:, a, :] = torch.zeros(rows, G, dtype=torch.float64, device=dev).index_add_(1, idx, CHa * Cd)
+        A[:, a, :].index_add_(1, idx, CHa * Cd)
     b = torch.zeros(rows, G, dtype=torch.float64, device=dev).index_add_(1, idx, Cd * HW)
     diag = A.diagonal(dim1=1, dim2=2)
     empty = diag <= 0
@@ -375,25 +452,46 @@ def _provisional_mask(Wf, U, sparsity, n, m, hdiag=None):
     return _choose_unstructured(tmp, round(sparsity * tmp.numel()))
 
 
-def layer_error(Wq: torch.Tensor, W0: torch.Tensor, H: torch.Tensor) -> float:
+def layer_error(Wq: torch.Tensor, W0: torch.Tensor, H: torch.Tensor, workers: int = 1) -> float:
     """``tr((Wq - W0) H (Wq - W0)^T) / tr(W0 H W0^T)``: the layer's relative output error on the calibration inputs."""
-    den = quad_form(W0, H)
-    return quad_form(Wq, H, W0) / den if den > 0 else 0.0
+    den = quad_form(W0, H, workers=workers)
+    return quad_form(Wq, H, W0, workers=workers) / den if den > 0 else 0.0
 
 
 def quad_form(A: torch.Tensor, H: torch.Tensor, minus: Optional[torch.Tensor] = None,
-              slice_bytes: int = 4 << 20) -> float:
-    """``tr(D H D^T)`` for ``D = A - minus`` (or ``A``), in ``H``'s dtype, by row slices of about ``slice_bytes`` so
-    that the temporaries stay small beside a large layer."""
+              slice_bytes: int = 4 << 20, workers: int = 1) -> float:
+    """``tr(D H D^T)`` for ``D = A - minus`` (or ``A``): each row's ``d H d^T`` in ``H``'s dtype, the rows added in
+    float64. By row slices of about ``slice_bytes``, so that the temporaries stay small beside a large layer, on
+    ``workers`` threads; the result depends on neither."""
     rows, cols = A.shape
     step = max(1, slice_bytes // (H.element_size() * cols))
-    total = 0.0
-    for r in range(0, rows, step):
-        a = A[r:r + step].to(H.dtype)
-        if minus is not None:
-            a = a - minus[r:r + step].to(H.dtype)
-        total += (a.matmul(H) * a).sum().item()
-    return total
+    per_row = map_rows(partial(_quad_rows, A, H, minus), row_ranges(rows, step, workers), workers)
+    return torch.cat(per_row).sum().item()
+
+
+def _quad_rows(A: torch.Tensor, H: torch.Tensor, minus: Optional[torch.Tensor], rows: slice) -> torch.Tensor:
+    a = A[rows].to(H.dtype)
+    if minus is not None:
+        a = a - minus[rows].to(H.dtype)
+    return (a.matmul(H) * a).sum(dim=1, dtype=torch.float64)
+
+
+def row_ranges(rows: int, step: int, workers: int = 1) -> list[slice]:
+    """Slices of at most ``step`` rows, about equal, and at least ``workers`` of them (as many as there are rows)."""
+    if rows <= 0:
+        return [slice(0, 0)]
+    count = max(-(-rows // max(1, step)), min(workers, rows))
+    size = -(-rows // max(1, count))
+    return [slice(r, min(r + size, rows)) for r in range(0, rows, size)]
+
+
+def map_rows(fn: Callable, parts: list, workers: int = 1) -> list:
+    """``[fn(part) for part in parts]``, on up to ``workers`` threads (for matrix products, which run outside the
+    interpreter lock), in order."""
+    if workers <= 1 or len(parts) <= 1:
+        return [fn(part) for part in parts]
+    with ThreadPoolExecutor(min(workers, len(parts))) as pool:
+        return list(pool.map(fn, parts))
 
 
 def magnitude_prune(W: torch.Tensor, *, sparsity: float = 0.5, n: int = 0, m: int = 0) -> torch.Tensor:

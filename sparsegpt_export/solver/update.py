@@ -11,14 +11,13 @@ A new strategy is one class with ``solve(W, H, task, options, name, measure)`` r
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from ..quant import QuantSpec
-from .admm import admm_prune, row_slices
+from .admm import admm_prune
 from .obs import SolveResult, layer_error, quad_form, sparsegpt_solve
 
 
@@ -47,7 +46,8 @@ class SolveOptions:
     refit_scales: bool = True
     refine_steps: int = 40
     admm_mask: str = "gradual"
-    workers: int = field(default=1, compare=False)  # threads for row slices (ADMM); the result does not depend on it
+    workers: int = field(default=1, compare=False)  # threads for row slices (ADMM, the products after a sweep); the
+    # result does not depend on it
     extra: dict = field(default_factory=dict, compare=False)
 
     def update_for(self, task: LayerTask) -> str:
@@ -61,7 +61,8 @@ class SolveOptions:
 
     def sweep_kwargs(self, name: str) -> dict[str, Any]:
         return dict(quant=self.quant, blocksize=self.blocksize, mask_blocksize=self.mask_blocksize, damp=self.damp,
-                    fit_scales_to_kept=self.fit_scales_to_kept, refit_scales=self.refit_scales, name=name)
+                    fit_scales_to_kept=self.fit_scales_to_kept, refit_scales=self.refit_scales, name=name,
+                    workers=self.workers)
 
 
 class ObsUpdate:
@@ -79,7 +80,7 @@ class ObsUpdate:
         out = sparsegpt_solve(pruned.weight, H, mask=pruned.mask, factor=pruned.factor, **common)
         pruned.factor = out.factor = None
         if measure:  # against the weights before both sweeps
-            out.error, out.norm = quad_form(out.weight, H, W), quad_form(W, H)
+            out.error, out.norm = measure_error(out.weight, W, H, opts.workers)
             out.rel_error = out.error / out.norm if out.norm > 0 else 0.0
         out.damp, out.damp_escalations = pruned.damp, pruned.damp_escalations
         return out, {}
@@ -100,7 +101,7 @@ class AdmmUpdate:
         Wa, mask = admm_prune(W, H, sparsity=task.sparsity, n=task.n, m=task.m, iters=steps, damp=opts.damp,
                               mask_steps=max(1, (3 * steps) // 4), name=name, workers=opts.workers,
                               mask=None if obs is None else obs.mask, init=None if obs is None else obs.weight)
-        admm_err = layer_error(Wa, W.float(), H) if measure else 0.0
+        admm_err = layer_error(Wa, W.float(), H, opts.workers) if measure else 0.0
         if measure:
             extra["admm_rel_error"] = admm_err
         if obs is not None and measure:
@@ -111,7 +112,7 @@ class AdmmUpdate:
         else:
             res = SolveResult(weight=Wa, mask=mask, dead_inputs=int((torch.diag(H) <= 0).sum()))
         # against the weights before the update (rows add up: what ranks sum when they split the rows)
-        res.error, res.norm = (quad_form(res.weight, H, W), quad_form(W, H)) if measure else (0.0, 0.0)
+        res.error, res.norm = measure_error(res.weight, W, H, opts.workers) if measure else (0.0, 0.0)
         res.rel_error = res.error / res.norm if res.norm > 0 else 0.0
         res.damp = opts.damp
         return res, extra
@@ -123,31 +124,14 @@ UPDATES = {"obs": ObsUpdate(), "admm": AdmmUpdate()}
 def solve_layer(W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOptions, *, name: str = "",
                 measure: bool = True) -> tuple[SolveResult, dict]:
     """The compressed weight of one matrix (or of stacked matrices sharing ``H``) and the update's extra report
-    fields (`SolveOptions.update_for` picks the update). A row-by-row problem is solved in slices of rows on
-    ``opts.workers`` threads (each slice gives what the whole solve gives its rows); the per-layer comparison
-    fields of ``admm_mask="obs"`` keep it whole."""
-    kind = opts.update_for(task)
-    slices = row_slices(W.shape[0], opts.workers)
-    if len(slices) == 1 or not row_separable(opts, [task]) or (kind == "admm" and opts.admm_mask == "obs"):
-        return UPDATES[kind].solve(W, H, task, opts, name, measure)
-    one = replace(opts, workers=1)
-    with ThreadPoolExecutor(len(slices)) as pool:
-        parts = list(pool.map(lambda s: UPDATES[kind].solve(W[s], H, task, one, name, False)[0], slices))
-    res = _concat_rows(parts)
-    if measure:
-        res.error, res.norm = quad_form(res.weight, H, W), quad_form(W, H)
-        res.rel_error = res.error / res.norm if res.norm > 0 else 0.0
-    return res, {"row_slices": len(slices)}
+    fields (`SolveOptions.update_for` picks the update). ``opts.workers`` threads share the matrix products (ADMM's
+    iterations and the products after a sweep, in slices of rows); the column sweeps run in the calling thread."""
+    return UPDATES[opts.update_for(task)].solve(W, H, task, opts, name, measure)
 
 
-def _concat_rows(parts: list[SolveResult]) -> SolveResult:
-    first = parts[0]
-    return SolveResult(
-        weight=torch.cat([p.weight for p in parts]), mask=torch.cat([p.mask for p in parts]),
-        scales=torch.cat([p.scales for p in parts]) if first.scales is not None else None,
-        zeros=torch.cat([p.zeros for p in parts]) if first.zeros is not None else None,
-        damp=max(p.damp for p in parts), damp_escalations=max(p.damp_escalations for p in parts),
-        seconds=max(p.seconds for p in parts), dead_inputs=first.dead_inputs)
+def measure_error(Wq: torch.Tensor, W: torch.Tensor, H: torch.Tensor, workers: int = 1) -> tuple[float, float]:
+    """``(tr((Wq - W) H (Wq - W)^T), tr(W H W^T))``: a layer error's numerator and denominator."""
+    return quad_form(Wq, H, W, workers=workers), quad_form(W, H, workers=workers)
 
 
 def row_separable(opts: SolveOptions, tasks: list[LayerTask]) -> bool:
