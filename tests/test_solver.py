@@ -183,3 +183,71 @@ def test_refit_scales_keeps_codes_and_mask_and_never_raises_error(sym):
     assert torch.equal(b.scales, b.scales.half().float())
     scale, zero = expand_groups(b.scales, b.zeros, W.shape[1], 128)
     assert torch.equal(b.weight, scale * (b.codes(spec).float() - zero))
+
+
+def _plain_nm_sweep(W, H, n, m, blocksize=128):
+    """SparseGPT's N:M sweep written out as the paper gives it, column by column (no quantization): the reference for
+    the sweep's leaner form. Each OBS update is one product and one difference, each rounded, as the sweep does."""
+    from sparsegpt_export.solver.obs import _inverse_cholesky
+    U = _inverse_cholesky(H, 0.01, "")[0]
+    W = W.clone().float()
+    rows, cols = W.shape
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1, Err = W[:, i1:i2].clone(), U[i1:i2, i1:i2], torch.zeros(rows, i2 - i1)
+        d = torch.diag(U1)
+        for i in range(i2 - i1):
+            if i % m == 0:
+                cost = W1[:, i:i + m] ** 2 / d[i:i + m].reshape(1, -1) ** 2
+                mask[:, i1 + i:i1 + i + m].scatter_(1, torch.topk(cost, m - n, dim=1, largest=False).indices, True)
+            w = W1[:, i].clone()
+            q = w.masked_fill(mask[:, i1 + i], 0.0)
+            err = (w - q) / d[i]
+            W1[:, i + 1:] -= err[:, None] * U1[i, i + 1:][None, :]
+            W1[:, i], Err[:, i] = q, err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err.matmul(U[i1:i2, i2:])
+    return W, mask
+
+
+@pytest.mark.parametrize("threads", ["script", "script-3-threads", "python"])
+def test_sweep_is_the_plain_algorithm_to_the_bit(monkeypatch, threads):
+    """The sweep's lean form (the block transposed, the column steps as TorchScript, or in Python; the rows in slices
+    on threads) gives what the column-by-column algorithm gives, bit for bit."""
+    from sparsegpt_export.solver import LayerTask, SolveOptions, columns, solve_layer, update
+    if threads == "python":
+        monkeypatch.setattr(columns, "_SCRIPTED", [None])
+    elif columns.scripted() is None:
+        pytest.skip("TorchScript is not available in this PyTorch")
+    monkeypatch.setattr(update, "SLICE_ROWS", 8)
+    W, X, H = _layer(rows=50, cols=320, tokens=700)
+    ref_w, ref_mask = _plain_nm_sweep(W, H, 2, 4)
+    opts = SolveOptions(update="obs", workers=3 if threads == "script-3-threads" else 1)
+    res, extra = solve_layer(W, H, LayerTask(prune=True, n=2, m=4), opts, measure=False)
+    assert extra.get("row_slices", 1) == (3 if threads == "script-3-threads" else 1)
+    assert torch.equal(res.mask, ref_mask)
+    assert torch.equal(res.weight, ref_w)
+
+
+def test_quantizing_sweep_same_bits_on_threads_and_in_python(monkeypatch):
+    """The sweep that quantizes on a fixed mask (after the mask sweep or ADMM) and the products after it (the scale
+    refit, the layer error): the same weights, scales and error on 1 and 3 threads and slices, as TorchScript and in
+    Python."""
+    from sparsegpt_export.solver import LayerTask, SolveOptions, columns, obs, solve_layer, update
+    monkeypatch.setattr(obs, "FIT_SLICE_ROWS", 16)
+    monkeypatch.setattr(update, "SLICE_ROWS", 8)
+    W, X, H = _layer(rows=70, cols=256, tokens=600)
+    quant = QuantSpec(4, 64, sym=False)
+    mask = sparsegpt_solve(W, H, n=2, m=4, measure=False).mask
+    runs = [sparsegpt_solve(W, H, mask=mask, quant=quant, workers=w) for w in (1, 3)]
+    runs.append(solve_layer(W, H, LayerTask(prune=True, n=2, m=4), SolveOptions(quant=quant, workers=3))[0])
+    runs.append(solve_layer(W, H, LayerTask(prune=True, n=2, m=4), SolveOptions(quant=quant, workers=1))[0])
+    monkeypatch.setattr(columns, "_SCRIPTED", [None])
+    runs.append(sparsegpt_solve(W, H, mask=mask, quant=quant))
+    for r in (runs[1], runs[4]):
+        assert torch.equal(r.weight, runs[0].weight) and torch.equal(r.scales, runs[0].scales)
+        assert torch.equal(r.zeros, runs[0].zeros) and torch.equal(r.mask, mask)
+        assert r.rel_error == runs[0].rel_error > 0
+    assert torch.equal(runs[2].weight, runs[3].weight) and torch.equal(runs[2].scales, runs[3].scales)
+    assert runs[2].rel_error == runs[3].rel_error > 0

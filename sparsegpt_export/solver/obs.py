@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from ..quant import QuantSpec, codes_of, fit_params, quantize
+from .columns import run_columns
 from .errors import SolverError
 
 
@@ -146,7 +147,7 @@ def sparsegpt_solve(
     factorising again. ``measure=False`` skips the layer error (``error``, ``norm`` and ``rel_error`` stay 0) where
     the caller measures it itself. ``workers``: threads for the matrix products after the sweep (the scale refit,
     the layer error), in slices of rows; the result does not depend on it. The sweep itself runs in the calling
-    thread: its steps are small, and threads would only take turns at the interpreter.
+    thread (`solver.solve_layer` solves slices of rows on threads).
     """
     if saliency not in SALIENCIES:
         raise SolverError(f"layer {name}: saliency {saliency!r} is not one of {SALIENCIES}")
@@ -248,38 +249,32 @@ class _Sweep:
         self.d2 = d1.reshape(-1, 1) ** 2  # the saliency's denominators, once per block
         fixed = self.fixed is not None
         maskt = self.fixed[:, i1:i2].t().contiguous() if fixed else torch.zeros_like(Wt, dtype=torch.bool)
-        # Wt[i] is not changed after column i's step: unquantized, the kept values are Wt where not pruned
+        # unquantized, the kept values are Wt where not pruned (Wt[i] is not changed after column i's step)
         Qt = torch.empty_like(Wt) if self.quant is not None else None
-        dl, stops, grid, zero = d1.tolist(), self.stops(i1, count), None, Wt.new_zeros(())
-        wrows, mrows, erows, urows = Wt.unbind(0), maskt.unbind(0), Et.unbind(0), U1.unbind(0)
-        for i in range(count):
-            if i in stops:
-                grid = self.choose(Wt, maskt, d1, i1, i)
-            if Qt is None:  # err = w / d where pruned, 0 where kept (= (w - kept value) / d)
-                err = torch.where(mrows[i], wrows[i], zero, out=erows[i]).div_(dl[i])
-            else:
-                _kept_value(wrows[i], mrows[i], grid, Qt[i])
-                err = torch.sub(wrows[i], Qt[i], out=erows[i]).div_(dl[i])
-            if i + 1 < count:
-                Wt[i + 1:].sub_(torch.mul(urows[i][i + 1:, None], err, out=prod[:count - i - 1]))
+        inline_nm = bool(self.n) and not fixed and self.quant is None and self.hdiag is None
+        stops, dl = sorted(self.stops(i1, count, inline_nm)) + [count], d1.tolist()
+        for a, b in zip(stops[:-1], stops[1:]):
+            scale, lo, hi = self.choose(Wt, maskt, d1, i1, a, inline_nm) or (None, None, None)
+            args = (Wt, maskt, Et, Qt, prod, U1, dl, self.d2, a, b, scale, lo, hi, self.n if inline_nm else 0, self.m)
+            run_columns(args)
         self.Wf[:, i1:i2] = Qt.t() if Qt is not None else Wt.masked_fill_(maskt, 0.0).t()
         self.mask[:, i1:i2] = maskt.t()
         if i2 < self.Wf.shape[1]:
             self.Wf[:, i2:] -= Et.t().contiguous().matmul(self.U[i1:i2, i2:])
 
-    def stops(self, i1: int, count: int) -> set[int]:
+    def stops(self, i1: int, count: int, inline_nm: bool) -> set[int]:
         """The columns of the block where `choose` has work: its first (the grid), and the first of each quantization
-        group, group of M and unstructured mask block."""
+        group, unstructured mask block and (unless `columns` chooses them, ``inline_nm``) group of M."""
         stops = {0}
         if self.quant is not None and self.g:
             stops.update(i for i in range(count) if (i1 + i) % self.g == 0)
-        if self.n and self.fixed is None:
+        if self.n and self.fixed is None and not inline_nm:
             stops.update(range(0, count, self.m))
         if self.fixed is None and self.prune and not self.n:
             stops.update(range(0, count, self.mask_blocksize))
         return stops
 
-    def choose(self, Wt, maskt, d1, i1: int, i: int):
+    def choose(self, Wt, maskt, d1, i1: int, i: int, inline_nm: bool = False):
         """Before column ``i`` of the block (``Wt``, ``maskt``: the block transposed): the unstructured mask of its
         mask block, its group's grid, and the N:M mask of its group of M. Returns the column's grid
         ``(scale, lowest, highest)`` as [rows] tensors (the code range less the zero point), or None."""
@@ -300,7 +295,7 @@ class _Sweep:
                 scale, zero = self.scales[:, gi].to(self.hdtype), self.zeros[:, gi].to(self.hdtype)
                 self.grid_cache = (gi, (scale, -zero, self.quant.maxq - zero), zero)
             grid = self.grid_cache[1]
-        if self.n and self.fixed is None and i % self.m == 0:
+        if self.n and self.fixed is None and not inline_nm and i % self.m == 0:
             self.choose_nm(Wt[i:i + self.m], maskt[i:i + self.m], col, d1[i:i + self.m], i)
         return grid
 
@@ -350,17 +345,6 @@ class _Sweep:
         )
 
 
-def _kept_value(w: torch.Tensor, pruned: torch.Tensor, grid, out: torch.Tensor) -> None:
-    """``out`` = the column ``w`` on its grid (``(scale, lowest, highest)``; None: unquantized), 0 where pruned. The
-    same values as `quant.quantize` (``round(w/s)`` plus the zero point, clamped, is an exact integer either way)."""
-    if grid is None:
-        out.copy_(w)
-    else:
-        scale, lo, hi = grid
-        torch.div(w, scale, out=out).round_()
-        torch.clamp(out, lo, hi, out=out).mul_(scale)
-    out.masked_fill_(pruned, 0.0)
-
 
 FIT_SLICE_ROWS = 1024  # rows per thread in `fit_rows` (fewer rows: the steps are too small to gain from threads)
 
@@ -390,15 +374,14 @@ def _refit_scales(Wq, W0, H, scales, spec: QuantSpec, workers: int = 1):
     storage dtype. A row keeps its old scales unless the new ones lower its error.
     Returns ``(weight, scales, error, norm)``: the layer's ``sum (Wq-W) H (Wq-W)^T`` and ``sum W H W^T``.
     Rows are independent: they are done in slices, whose float64 copies stay about 4 MB each, on ``workers``
-    threads.
+    threads; the result does not depend on either.
     """
     rows, cols = Wq.shape
     step = max(1, (4 << 20) // (8 * cols))
     parts = map_rows(partial(_refit_rows, Wq, W0, H, scales, spec), row_ranges(rows, step, workers), workers)
-    if len(parts) == 1:
-        return parts[0]
-    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), sum(p[2] for p in parts),
-            sum(p[3] for p in parts))
+    # each row's error and norm (float64), added over all rows at once: the sums do not depend on the slices
+    return tuple(torch.cat([p[k] for p in parts]) for k in range(2)) + tuple(
+        torch.cat([p[k] for p in parts]).sum().item() for k in (2, 3))
 
 
 def _refit_rows(Wq, W0, H, scales, spec: QuantSpec, rows: slice):
@@ -439,8 +422,7 @@ def _refit_rows(Wq, W0, H, scales, spec: QuantSpec, rows: slice):
     e_old, e_new = row_err(scales), row_err(new)
     better = e_new < e_old
     scales = torch.where(better[:, None], new, scales)
-    err = torch.where(better, e_new, e_old).sum().item()
-    return C * scales[:, idx], scales, err, wHw.sum().item()
+    return C * scales[:, idx], scales, torch.where(better, e_new, e_old), wHw
 
 
 def _provisional_mask(Wf, U, sparsity, n, m, hdiag=None):

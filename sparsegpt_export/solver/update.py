@@ -11,14 +11,19 @@ A new strategy is one class with ``solve(W, H, task, options, name, measure)`` r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Optional
 
 import torch
 
 from ..quant import QuantSpec
-from .admm import admm_prune
+from .admm import admm_prune, row_slices
+from .columns import scripted
 from .obs import SolveResult, layer_error, quad_form, sparsegpt_solve
+
+SLICE_ROWS = 128  # the fewest rows of a slice solved on a thread of its own
 
 
 @dataclass(frozen=True)
@@ -124,9 +129,36 @@ UPDATES = {"obs": ObsUpdate(), "admm": AdmmUpdate()}
 def solve_layer(W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOptions, *, name: str = "",
                 measure: bool = True) -> tuple[SolveResult, dict]:
     """The compressed weight of one matrix (or of stacked matrices sharing ``H``) and the update's extra report
-    fields (`SolveOptions.update_for` picks the update). ``opts.workers`` threads share the matrix products (ADMM's
-    iterations and the products after a sweep, in slices of rows); the column sweeps run in the calling thread."""
-    return UPDATES[opts.update_for(task)].solve(W, H, task, opts, name, measure)
+    fields (`SolveOptions.update_for` picks the update). A row-by-row problem is solved in slices of rows on
+    ``opts.workers`` threads (each slice gives what the whole solve gives its rows), when the sweep's column steps
+    run as TorchScript (`solver.columns`: in Python, the threads would only take turns at the interpreter); the
+    per-layer comparison fields of ``admm_mask="obs"`` keep it whole. Else ``opts.workers`` threads share the
+    matrix products (ADMM's iterations, the products after a sweep)."""
+    kind = opts.update_for(task)
+    slices = row_slices(W.shape[0], opts.workers, least=SLICE_ROWS) if scripted() is not None else [slice(None)]
+    if len(slices) == 1 or not row_separable(opts, [task]) or (kind == "admm" and opts.admm_mask == "obs"):
+        return UPDATES[kind].solve(W, H, task, opts, name, measure)
+    with ThreadPoolExecutor(len(slices)) as pool:
+        parts = list(pool.map(partial(_solve_rows, W, H, task, replace(opts, workers=1), name, kind), slices))
+    res = _concat_rows(parts)
+    if measure:
+        res.error, res.norm = measure_error(res.weight, W, H, opts.workers)
+        res.rel_error = res.error / res.norm if res.norm > 0 else 0.0
+    return res, {"row_slices": len(slices)}
+
+
+def _solve_rows(W, H, task: LayerTask, opts: SolveOptions, name: str, kind: str, rows: slice) -> SolveResult:
+    return UPDATES[kind].solve(W[rows], H, task, opts, name, False)[0]
+
+
+def _concat_rows(parts: list[SolveResult]) -> SolveResult:
+    first = parts[0]
+    return SolveResult(
+        weight=torch.cat([p.weight for p in parts]), mask=torch.cat([p.mask for p in parts]),
+        scales=torch.cat([p.scales for p in parts]) if first.scales is not None else None,
+        zeros=torch.cat([p.zeros for p in parts]) if first.zeros is not None else None,
+        damp=max(p.damp for p in parts), damp_escalations=max(p.damp_escalations for p in parts),
+        seconds=max(p.seconds for p in parts), dead_inputs=first.dead_inputs)
 
 
 def measure_error(Wq: torch.Tensor, W: torch.Tensor, H: torch.Tensor, workers: int = 1) -> tuple[float, float]:
