@@ -2,7 +2,8 @@
 nothing of transformers or of file formats.
 
 - `hessian`: ``H = 2/n X^T X`` streamed from calibration inputs (`HessianAccumulator`);
-- `obs`: SparseGPT's column sweep with joint quantization (`sparsegpt_solve`), the layer error;
+- `obs`: SparseGPT's column sweep with joint quantization (`sparsegpt_solve`), the layer error; `columns`: the
+  sweep's per-column steps (TorchScript where available);
 - `admm`: least squares on a mask by ADMM (`admm_prune`);
 - `update`: the weight-update strategies behind one interface (`solve_layer`, `LayerTask`, `SolveOptions`).
 """
