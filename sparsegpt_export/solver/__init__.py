@@ -10,8 +10,9 @@ nothing of transformers or of file formats.
 from .admm import admm_prune
 from .errors import SolverError
 from .hessian import HessianAccumulator, group_windows
-from .obs import SALIENCIES, SolveResult, expand_groups, layer_error, magnitude_prune, quad_form, sparsegpt_solve
-from .update import UPDATES, LayerTask, SolveOptions, measure_error, row_separable, solve_layer
+from .obs import (SALIENCIES, SolveResult, expand_groups, layer_error, magnitude_prune, measure_error, quad_form,
+                  sparsegpt_solve)
+from .update import UPDATES, LayerTask, SolveOptions, row_separable, solve_layer
 
 __all__ = ["SALIENCIES", "UPDATES", "HessianAccumulator", "LayerTask", "SolveOptions", "SolveResult", "SolverError",
            "admm_prune", "expand_groups", "group_windows", "layer_error", "magnitude_prune", "measure_error", "quad_form", "row_separable",

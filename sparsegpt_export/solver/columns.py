@@ -38,11 +38,9 @@ def columns(Wt: torch.Tensor, maskt: torch.Tensor, Et: torch.Tensor, Qt: Optiona
             torch.where(maskt[i], w, zero, out=e)
         else:
             q = Qt[i]
-            if scale is not None and lo is not None and hi is not None:
-                torch.div(w, scale, out=q).round_()
-                torch.clamp(q, lo, hi, out=q).mul_(scale)
-            else:
-                q.copy_(w)
+            assert scale is not None and lo is not None and hi is not None  # Qt is given with a grid
+            torch.div(w, scale, out=q).round_()
+            torch.clamp(q, lo, hi, out=q).mul_(scale)
             q.masked_fill_(maskt[i], 0.0)
             torch.sub(w, q, out=e)
         e.div_(d[i])

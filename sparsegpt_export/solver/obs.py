@@ -434,10 +434,15 @@ def _provisional_mask(Wf, U, sparsity, n, m, hdiag=None):
     return _choose_unstructured(tmp, round(sparsity * tmp.numel()))
 
 
+def measure_error(Wq: torch.Tensor, W: torch.Tensor, H: torch.Tensor, workers: int = 1) -> tuple[float, float]:
+    """``(tr((Wq - W) H (Wq - W)^T), tr(W H W^T))``: a layer error's numerator and denominator."""
+    return quad_form(Wq, H, W, workers=workers), quad_form(W, H, workers=workers)
+
+
 def layer_error(Wq: torch.Tensor, W0: torch.Tensor, H: torch.Tensor, workers: int = 1) -> float:
     """``tr((Wq - W0) H (Wq - W0)^T) / tr(W0 H W0^T)``: the layer's relative output error on the calibration inputs."""
-    den = quad_form(W0, H, workers=workers)
-    return quad_form(Wq, H, W0, workers=workers) / den if den > 0 else 0.0
+    num, den = measure_error(Wq, W0, H, workers)
+    return num / den if den > 0 else 0.0
 
 
 def quad_form(A: torch.Tensor, H: torch.Tensor, minus: Optional[torch.Tensor] = None,

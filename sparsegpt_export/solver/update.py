@@ -21,7 +21,7 @@ import torch
 from ..quant import QuantSpec
 from .admm import admm_prune, row_slices
 from .columns import scripted
-from .obs import SolveResult, layer_error, quad_form, sparsegpt_solve
+from .obs import SolveResult, layer_error, measure_error, sparsegpt_solve
 
 SLICE_ROWS = 128  # the fewest rows of a slice solved on a thread of its own
 
@@ -159,11 +159,6 @@ def _concat_rows(parts: list[SolveResult]) -> SolveResult:
         zeros=torch.cat([p.zeros for p in parts]) if first.zeros is not None else None,
         damp=max(p.damp for p in parts), damp_escalations=max(p.damp_escalations for p in parts),
         seconds=max(p.seconds for p in parts), dead_inputs=first.dead_inputs)
-
-
-def measure_error(Wq: torch.Tensor, W: torch.Tensor, H: torch.Tensor, workers: int = 1) -> tuple[float, float]:
-    """``(tr((Wq - W) H (Wq - W)^T), tr(W H W^T))``: a layer error's numerator and denominator."""
-    return quad_form(Wq, H, W, workers=workers), quad_form(W, H, workers=workers)
 
 
 def row_separable(opts: SolveOptions, tasks: list[LayerTask]) -> bool:
