@@ -45,6 +45,7 @@ def compress_row(device: str, name: str, cfg: dict, nsamples: int, seqlen: int, 
 
     from sparsegpt_export.config import SparseGPTConfig
     from sparsegpt_export.pipeline import compress_model
+    from sparsegpt_export.solver.obs import kernel_sweep
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -66,6 +67,7 @@ def compress_row(device: str, name: str, cfg: dict, nsamples: int, seqlen: int, 
     row = {"model": name, "parameters": sum(p.numel() for p in model.parameters()), "build_s": round(build_s, 1),
            "tokens": [nsamples, seqlen], "compress_s": round(wall, 2), "blocks": cfg["num_hidden_layers"],
            "per_block_s": round(wall / cfg["num_hidden_layers"], 3), "update": report.get("update", config.update),
+           "sweep": "triton kernel" if kernel_sweep(config.sweep, torch.device(device)) else "torch",
            "profile": {k: round(v, 3) for k, v in report["profile"].items()},
            "mean_rel_error": report["summary"]["mean_rel_error"], "layers": report["summary"]["layers_compressed"]}
     if device.startswith("cuda"):

@@ -43,6 +43,7 @@ METHODS = ("hutchinson", "fisher", "obd", "proxy")
 SALIENCIES = ("obs", "isc")
 UPDATES = ("auto", "obs", "admm")
 ADMM_MASKS = ("gradual", "obs")
+SWEEPS = ("auto", "torch", "triton")  # solver.obs.SWEEPS
 REFINE_STEPS = 24  # ADMM iterations (benchmarks/results/best_quality.md)
 RECONSTRUCT_LR = 3e-3  # relative step size of the reconstruction (same file)
 SMOOTH_AUTO = 0.6  # smooth_alpha "auto" with bits (benchmarks/results/onnx_smoothing.md, best_quality.md)
@@ -158,6 +159,9 @@ class SparseGPTConfig:
     refine_steps: int = _opt(REFINE_STEPS, f"ADMM iterations (default {REFINE_STEPS})", group=MIXED)
     admm_mask: str = _opt("gradual", "ADMM: choose the mask gradually during the iterations (default) or keep the "
                                      "sweep's", choices=ADMM_MASKS, group=MIXED)
+    sweep: str = _opt("auto", "the column sweep's lazy blocks: one Triton kernel per block (triton: CUDA), torch's "
+                              "per-column steps (torch), or auto (default: the kernel on a CUDA device when triton is "
+                              "installed, else torch)", choices=SWEEPS, group=MIXED)
     reconstruct_steps: int = _opt(0, "after each block's layers are compressed, tune its kept weights (with --bits, its "
                                      "group scales) for N Adam steps so that its outputs match the dense block's "
                                      "(default 0: off)", metavar="N", group=MIXED)

@@ -276,7 +276,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
                          text=True, timeout=600, env=env)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = [line for line in out.stdout.splitlines() if line.startswith("sm90")]
-    assert len(lines) == 7 and all("cubin" in line for line in lines), out.stdout
+    assert len(lines) == 11 and all("cubin" in line for line in lines), out.stdout
+    assert sum(line.startswith("sm90 sweep") for line in lines) == 4  # the column sweep's block kernel
 
 
 def test_from_dense_int4_and_fp16_layouts():

@@ -5,6 +5,7 @@ registers and spills per kernel. Must run without ``TRITON_INTERPRET``."""
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 
@@ -84,6 +85,40 @@ def configurations(full: bool) -> list[tuple]:
     return base + [("gemv", True, True, "fp16", 16, False)]
 
 
+SWEEP_SIGNATURE = {"w_ptr": "*fp32", "stride_w": "i32", "u_ptr": "*fp32", "su0": "i32", "su1": "i32", "mask_ptr": "*u8",
+                   "stride_m": "i32", "e_ptr": "*fp32", "stride_e": "i32", "s_ptr": "*fp32", "lo_ptr": "*fp32",
+                   "hi_ptr": "*fp32", "rows": "i32", "count": "i32"}
+# (N, M, CHOOSE, QUANT): the mask sweep (2:4, 4:8), the sweep that quantizes on a fixed mask, the joint 2:4 + grid one
+SWEEPS = ((2, 4, True, False), (4, 8, True, False), (0, 1, False, True), (2, 4, True, True))
+
+
+def compile_sweep(n: int, m: int, choose: bool, quant: bool, arch: int):
+    """Compile the column sweep's block kernel (`solver.sweep_kernel`) for ``sm<arch>`` as `sweep_block` launches
+    it on a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ..solver import sweep_kernel as sk
+
+    const = {"N": n, "M": m, "CHOOSE": choose, "QUANT": quant, "BR": sk.BLOCK_ROWS, "BB": 128}
+    sig = {**SWEEP_SIGNATURE, **{k: "constexpr" for k in const}}
+    return triton.compile(ASTSource(sk._sweep_block_kernel, signature=sig, constexprs=const),
+                          target=GPUTarget("cuda", arch, 32), options={"num_warps": sk.NUM_WARPS, "enable_fp_fusion": False})
+
+
+def _report(arch: int, what: str, build, regs: bool) -> int:
+    """Compile one kernel, print its line; 1 when it failed."""
+    try:
+        compiled = build()
+        extra = f"; {registers(compiled, arch)}" if regs else ""
+        print(f"sm{arch} {what}: cubin {len(compiled.asm['cubin'])} bytes{extra}", flush=True)
+        return 0
+    except Exception as e:  # noqa: BLE001 - reported, counted
+        print(f"sm{arch} {what}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return 1
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sparsegpt_export.kernels.aot")
     ap.add_argument("--arch", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
@@ -93,15 +128,12 @@ def main(argv=None) -> int:
     failed = 0
     for arch in (int(a) for a in args.arch.split(",")):
         for cfg in configurations(args.all):
-            try:
-                compiled = compile_kernel(*cfg[:4], arch, *cfg[4:])
-                regs = f"; {registers(compiled, arch)}" if args.regs else ""
-                extra = " (no TILE_SCALE)" if cfg[4:] else ""
-                print(f"sm{arch} {cfg[0]}{extra} quant={cfg[1]} sym={cfg[2]} {cfg[3]}: cubin {len(compiled.asm['cubin'])} "
-                      f"bytes{regs}", flush=True)
-            except Exception as e:  # noqa: BLE001 - reported, counted
-                failed += 1
-                print(f"sm{arch} {cfg}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            extra = " (no TILE_SCALE)" if cfg[4:] else ""
+            failed += _report(arch, f"{cfg[0]}{extra} quant={cfg[1]} sym={cfg[2]} {cfg[3]}",
+                              functools.partial(compile_kernel, *cfg[:4], arch, *cfg[4:]), args.regs)
+        for n, m, choose, quant in SWEEPS:
+            failed += _report(arch, f"sweep {f'{n}:{m}' if choose else 'fixed mask'} quant={quant}",
+                              functools.partial(compile_sweep, n, m, choose, quant, arch), args.regs)
     return 1 if failed else 0
 
 

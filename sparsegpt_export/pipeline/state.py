@@ -15,7 +15,8 @@ from torch import nn
 from ..config import ConfigError, SparseGPTConfig, parse_pattern
 from ..quant import QuantSpec
 from ..records import LayerRecord
-from ..solver import LayerTask, SolveOptions
+from ..solver import LayerTask, SolveOptions, SolverError
+from ..solver.obs import kernel_sweep
 
 
 def resolve_device(device: Optional[str]) -> torch.device:
@@ -83,7 +84,17 @@ def solve_options(config: SparseGPTConfig, scale_dtype: torch.dtype, device: Any
                         blocksize=config.blocksize, mask_blocksize=config.mask_blocksize, damp=config.damp,
                         fit_scales_to_kept=config.fit_scales_to_kept, refit_scales=config.refit_scales,
                         refine_steps=config.refine_steps, admm_mask=config.admm_mask,
+                        sweep=checked_sweep(config.sweep, device),
                         workers=torch.get_num_threads() if torch.device(device).type == "cpu" else 1)
+
+
+def checked_sweep(sweep: str, device: Any) -> str:
+    """``sweep``, when ``device`` can run it (else a ConfigError naming the option, before any work)."""
+    try:
+        kernel_sweep(sweep, torch.device(device))
+    except SolverError as e:
+        raise ConfigError(str(e)) from None
+    return sweep
 
 
 class Progress:

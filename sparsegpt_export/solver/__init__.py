@@ -3,7 +3,8 @@ nothing of transformers or of file formats.
 
 - `hessian`: ``H = 2/n X^T X`` streamed from calibration inputs (`HessianAccumulator`);
 - `obs`: SparseGPT's column sweep with joint quantization (`sparsegpt_solve`), the layer error; `columns`: the
-  sweep's per-column steps (TorchScript where available);
+  sweep's per-column steps (TorchScript where available); `sweep_kernel`: a whole lazy block as one Triton kernel
+  (CUDA; imported only when it runs);
 - `admm`: least squares on a mask by ADMM (`admm_prune`);
 - `update`: the weight-update strategies behind one interface (`solve_layer`, `LayerTask`, `SolveOptions`).
 """

@@ -10,7 +10,7 @@ the rows gives what the whole gives those rows.
 The steps are small, so they are mostly interpreter time: `run_columns` runs them as TorchScript, which is quicker
 per step and releases Python's interpreter lock, so that slices of rows solved on several threads
 (`solver.solve_layer`) really run at once; where TorchScript is not available the same function runs in Python, with
-the same operations and the same bits.
+the same operations and the same bits. On a GPU a whole block is one kernel instead (`solver.sweep_kernel`).
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ the sweep (used after ADMM, `solver.admm`).
 from __future__ import annotations
 
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ def sparsegpt_solve(
     factor: Optional[tuple] = None,
     measure: bool = True,
     workers: int = 1,
+    sweep: str = "auto",
 ) -> SolveResult:
     """Prune (N:M when ``n`` and ``m`` are set, else unstructured at ``sparsity``) and optionally quantize ``W``.
 
@@ -147,7 +149,9 @@ def sparsegpt_solve(
     factorising again. ``measure=False`` skips the layer error (``error``, ``norm`` and ``rel_error`` stay 0) where
     the caller measures it itself. ``workers``: threads for the matrix products after the sweep (the scale refit,
     the layer error), in slices of rows; the result does not depend on it. The sweep itself runs in the calling
-    thread (`solver.solve_layer` solves slices of rows on threads).
+    thread (`solver.solve_layer` solves slices of rows on threads). ``sweep``: ``"torch"`` (`solver.columns`),
+    ``"triton"`` (a block per kernel launch, `solver.sweep_kernel`: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)
+    or ``"auto"`` (the kernel on CUDA with triton installed); blocks the kernel does not take go to torch.
     """
     if saliency not in SALIENCIES:
         raise SolverError(f"layer {name}: saliency {saliency!r} is not one of {SALIENCIES}")
@@ -159,14 +163,17 @@ def sparsegpt_solve(
         return SolveResult(weight=W0.clone(), mask=torch.zeros_like(W0, dtype=torch.bool), seconds=time.perf_counter() - t0)
     if n and cols % m:
         raise SolverError(f"layer {name}: {cols} input columns are not a multiple of M={m} for the {n}:{m} pattern")
+    kernel = kernel_sweep(sweep, W0.device, name)
     sweep = _Sweep.start(W0, H, factor, damp, saliency, mask, name)
     sweep.n, sweep.m, sweep.sparsity, sweep.prune = n, m, sparsity, prune
     sweep.mask_blocksize, sweep.fit_scales_to_kept, sweep.workers = mask_blocksize, fit_scales_to_kept, workers
+    sweep.kernel = kernel
     sweep.set_grid(quant)
     g = quant.group_size if quant is not None else None
     if g and g < cols:
-        # groups must not straddle a lazy block: make the block a multiple of the group
-        blocksize = max(blocksize // g, 1) * g
+        # groups must not straddle a lazy block: make the block a multiple of the group (for the kernel, the group:
+        # its grid is then fitted at the block's first column)
+        blocksize = g if kernel and g < blocksize else max(blocksize // g, 1) * g
     for i1 in range(0, cols, blocksize):
         sweep.block(i1, min(i1 + blocksize, cols))
     return sweep.finish(W0, H, refit_scales, measure, t0, workers)
@@ -182,6 +189,7 @@ class _Sweep:
     mask_blocksize = 128
     fit_scales_to_kept = True
     workers = 1
+    kernel = False  # walk the blocks the kernel takes with `sweep_kernel` (see `kernel_fits`)
     quant: Optional[QuantSpec] = None
     scales = zeros = None
     grid_cache: tuple = (None, None, None)  # (group index, (scale, lowest, highest), zero)
@@ -241,6 +249,8 @@ class _Sweep:
         onto the columns after it (the lazy update). The block is held transposed (its column ``j`` is the
         contiguous row ``Wt[j]``), and each update is one product and one difference, each rounded: a weight's
         bits depend neither on the layout nor on how many rows are solved together."""
+        if self.kernel and self.kernel_fits(i1, i2 - i1):
+            return self.block_kernel(i1, i2)
         Wt = self.Wf[:, i1:i2].t().contiguous()
         count, rows = Wt.shape
         Et, prod = torch.empty_like(Wt), torch.empty_like(Wt)
@@ -261,6 +271,33 @@ class _Sweep:
         self.mask[:, i1:i2] = maskt.t()
         if i2 < self.Wf.shape[1]:
             self.Wf[:, i2:] -= Et.t().contiguous().matmul(self.U[i1:i2, i2:])
+
+    def kernel_fits(self, i1: int, count: int) -> bool:
+        """Whether `sweep_kernel` takes the block: OBS saliency, float32, and nothing to choose after its first column
+        but the N:M groups (of a power-of-two M)."""
+        if self.hdiag is not None or self.Wf.dtype != torch.float32:
+            return False
+        if self.n and self.fixed is None and self.m & (self.m - 1):
+            return False
+        return self.stops(i1, count, inline_nm=True) == {0}
+
+    def block_kernel(self, i1: int, i2: int) -> None:
+        """`block` as one kernel launch (`solver.sweep_kernel`): the grid, or the unstructured mask, chosen here at
+        the block's first column; the N:M choice, the kept values, the errors and the updates inside the block in the
+        kernel; then the lazy update. No host sync."""
+        from .sweep_kernel import sweep_block
+
+        Wb, U1 = self.Wf[:, i1:i2], self.U[i1:i2, i1:i2]
+        mask = self.fixed[:, i1:i2].clone() if self.fixed is not None else torch.zeros_like(Wb, dtype=torch.bool)
+        d1 = torch.diag(U1)
+        self.d2 = d1.reshape(-1, 1) ** 2
+        grid = self.choose(Wb.t(), mask.t(), d1, i1, 0, inline_nm=True)
+        grid = tuple(t.contiguous() for t in grid) if grid is not None else None
+        mk = mask.to(torch.uint8)
+        E = sweep_block(Wb, U1, mk, grid, self.n, self.m, choose=bool(self.n) and self.fixed is None)
+        self.mask[:, i1:i2] = mk.bool()
+        if i2 < self.Wf.shape[1]:
+            self.Wf[:, i2:] -= E.matmul(self.U[i1:i2, i2:])
 
     def stops(self, i1: int, count: int, inline_nm: bool) -> set[int]:
         """The columns of the block where `choose` has work: its first (the grid), and the first of each quantization
@@ -344,6 +381,30 @@ class _Sweep:
             factor=(self.U, self.damp, self.escalations),
         )
 
+
+
+SWEEPS = ("auto", "torch", "triton")
+
+
+def kernel_sweep(sweep: str, device: torch.device, name: str = "") -> bool:
+    """Whether ``sweep`` (one of `SWEEPS`) walks the blocks with the Triton kernel on ``device``."""
+    at = f"layer {name}: " if name else ""
+    if sweep not in SWEEPS:
+        raise SolverError(f"{at}sweep {sweep!r} is not one of {SWEEPS}")
+    if sweep == "torch" or (sweep == "auto" and device.type != "cuda"):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if sweep == "auto":
+            return False
+        raise SolverError(f"{at}sweep 'triton' needs triton (pip install 'sparsegpt-export[gpu]')") from None
+    if device.type == "cuda":
+        return True
+    if sweep == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SolverError(f"{at}sweep 'triton' runs on a CUDA device, or on CPU tensors with TRITON_INTERPRET=1 "
+                          "set before triton is imported")
+    return sweep == "triton"
 
 
 FIT_SLICE_ROWS = 1024  # rows per thread in `fit_rows` (fewer rows: the steps are too small to gain from threads)

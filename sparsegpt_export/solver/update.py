@@ -21,7 +21,7 @@ import torch
 from ..quant import QuantSpec
 from .admm import admm_prune, row_slices
 from .columns import scripted
-from .obs import SolveResult, layer_error, measure_error, sparsegpt_solve
+from .obs import SolveResult, kernel_sweep, layer_error, measure_error, sparsegpt_solve
 
 SLICE_ROWS = 128  # the fewest rows of a slice solved on a thread of its own
 
@@ -53,6 +53,7 @@ class SolveOptions:
     admm_mask: str = "gradual"
     workers: int = field(default=1, compare=False)  # threads for row slices (ADMM, the products after a sweep); the
     # result does not depend on it
+    sweep: str = "auto"  # the column sweep's blocks: "torch", "triton" (one kernel per block), "auto" (the kernel on CUDA)
     extra: dict = field(default_factory=dict, compare=False)
 
     def update_for(self, task: LayerTask) -> str:
@@ -67,7 +68,7 @@ class SolveOptions:
     def sweep_kwargs(self, name: str) -> dict[str, Any]:
         return dict(quant=self.quant, blocksize=self.blocksize, mask_blocksize=self.mask_blocksize, damp=self.damp,
                     fit_scales_to_kept=self.fit_scales_to_kept, refit_scales=self.refit_scales, name=name,
-                    workers=self.workers)
+                    workers=self.workers, sweep=self.sweep)
 
 
 class ObsUpdate:
@@ -135,7 +136,8 @@ def solve_layer(W: torch.Tensor, H: torch.Tensor, task: LayerTask, opts: SolveOp
     per-layer comparison fields of ``admm_mask="obs"`` keep it whole. Else ``opts.workers`` threads share the
     matrix products (ADMM's iterations, the products after a sweep)."""
     kind = opts.update_for(task)
-    slices = row_slices(W.shape[0], opts.workers, least=SLICE_ROWS) if scripted() is not None else [slice(None)]
+    threads = scripted() is not None and not kernel_sweep(opts.sweep, W.device, name)  # (triton's interpreter: one)
+    slices = row_slices(W.shape[0], opts.workers, least=SLICE_ROWS) if threads else [slice(None)]
     if len(slices) == 1 or not row_separable(opts, [task]) or (kind == "admm" and opts.admm_mask == "obs"):
         return UPDATES[kind].solve(W, H, task, opts, name, measure)
     with ThreadPoolExecutor(len(slices)) as pool:
