@@ -3,12 +3,13 @@ this project and with a newer one, side by side in one run: wall time of the who
 checkpoint's bytes on disk after one block, and whether the two outputs are the same tensor for tensor.
 
     git worktree add /tmp/base <commit>          # the older code
-    python -m benchmarks.studies.pipeline_speed --base /tmp/base [--new /tmp/new] [--rounds 1] [--extra ARGS]
+    python -m benchmarks.studies.pipeline_speed --base /tmp/base [--new /tmp/new] [--rounds 1] [--abba] [--extra ARGS]
 
 Each checkout runs in its own process from a folder laid out as pip installs it (``converters/`` and
 ``integrations/`` inside the package, by symbolic links), on ``PYTHONPATH``, from a neutral working folder;
 without ``--new`` this project runs as installed. Rounds alternate (base, new, base, new, ...) so that a change in
-the machine's speed falls on both alike; ``uptime`` is logged before and after.
+the machine's speed falls on both alike (with ``--abba`` every second round runs new first: the second run of a pair
+may be the slower one); ``uptime`` is logged before and after.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def main() -> int:
     ap.add_argument("--new", type=Path, default=None, help="checkout of the newer code (default: as installed)")
     ap.add_argument("--extra", default="", help="more compress arguments for both, e.g. '--calib-batch-size 128'")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--abba", action="store_true", help="every second round runs new first (base, new, new, base, ...), "
+                                                        "so that a run's place in a pair weighs on both alike")
     ap.add_argument("--work", type=Path, default=Path("/tmp/pipeline_speed"))
     ap.add_argument("--out", type=Path, default=RESULTS / "pipeline_speed")
     ap.add_argument("--ppl", action="store_true", help="also WikiText-2 / C4 perplexity of both outputs")
@@ -78,7 +81,7 @@ def main() -> int:
     log = [f"base {args.base}, new {args.new or 'installed'}; extra {extra}; uptime before: {_uptime()}"]
     runs: dict[str, list] = {"base": [], "new": []}
     for r in range(args.rounds):
-        for name, base in paths.items():
+        for name, base in (list(paths.items())[::-1] if args.abba and r % 2 else paths.items()):
             out = args.work / f"out-{name}"
             res = run_process(compress_cmd(out, *extra), env=_env(base), cwd=args.work)
             log.append(f"$ {'PYTHONPATH=' + str(base) + ' ' if base else ''}{' '.join(compress_cmd(out, *extra)[1:])}\n"
@@ -86,10 +89,11 @@ def main() -> int:
             if res["rc"]:
                 raise SystemExit(f"{name} failed:\n{res['output'][-3000:]}")
             rep = report_of(out)
-            runs[name].append({"wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_mb"], "profile": rep["profile"],
+            runs[name].append({"round": r + 1, "wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_mb"], "profile": rep["profile"],
                                "compress_s": rep["summary"]["wall_s"], "mean_rel_error": rep["summary"]["mean_rel_error"]})
             print(name, runs[name][-1], flush=True)
-    result = {"rounds": args.rounds, "runs": runs,
+    result = {"rounds": args.rounds, "abba": args.abba, "runs": runs,
+              "round_ratios": [round(n["wall_s"] / b["wall_s"], 4) for b, n in zip(runs["base"], runs["new"])],
               "median_wall_s": {k: statistics.median(x["wall_s"] for x in v) for k, v in runs.items()},
               "outputs": same_tensors(args.work / "out-base", args.work / "out-new"),
               "checkpoint_after_block0": {k: checkpoint_bytes(v, args.work, k) for k, v in paths.items()},
