@@ -27,7 +27,8 @@ DEFAULT_COMPRESS = ["smollm2-135m", "--pattern", "2:4", "--bits", "4", "--group-
 
 def run_process(cmd: list[str], log_path: Optional[Path] = None, env: Optional[dict] = None,
                 cwd: Optional[Path] = None) -> dict:
-    """Run ``cmd`` to completion: ``{"rc", "wall_s", "peak_rss_mb", "output"}`` (the child's own peak RSS)."""
+    """Run ``cmd`` to completion: ``{"rc", "wall_s", "peak_rss_mb", "user_s", "sys_s", "minor_faults", "output"}``
+    (the child's own peak RSS, CPU times and page faults served without I/O)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     output = proc.stdout.read()
@@ -36,7 +37,8 @@ def run_process(cmd: list[str], log_path: Optional[Path] = None, env: Optional[d
     if log_path is not None:
         log_path.write_text(output)
     return {"rc": os.waitstatus_to_exitcode(status), "wall_s": round(wall, 2),
-            "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1), "output": output}
+            "peak_rss_mb": round(rusage.ru_maxrss / 1024, 1), "user_s": round(rusage.ru_utime, 2),
+            "sys_s": round(rusage.ru_stime, 2), "minor_faults": rusage.ru_minflt, "output": output}
 
 
 def compress_cmd(out: Path, *extra: str, python: str = sys.executable) -> list[str]:

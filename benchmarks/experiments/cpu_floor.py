@@ -9,6 +9,8 @@ process's threads:
    times; the products' rate;
 3. the inverse Cholesky factor of that Hessian on 1 thread and on 2: the same bits or not.
 
+All under ``hostmem.reuse_freed_memory``, as the pipeline's CPU runs.
+
     python -m benchmarks.experiments.cpu_floor
 """
 from __future__ import annotations
@@ -66,6 +68,12 @@ def _upper(total: torch.Tensor, x: torch.Tensor, nb: int) -> None:
                 total[c:e, a:b].add_(blk.t())
 
 
+def _all_groups(total: torch.Tensor, groups, nb: int) -> None:
+    total.zero_()
+    for x in groups:
+        _upper(total, x, nb)
+
+
 def hessian() -> torch.Tensor:
     from sparsegpt_export.solver import HessianAccumulator
 
@@ -79,7 +87,7 @@ def hessian() -> torch.Tensor:
     groups = X.split(4096)
     for nb in (4, 6, 8, 12):
         total = torch.zeros(INTER, INTER, dtype=torch.float64)
-        dt = _best(lambda: [_upper(total.zero_(), x, nb) for x in groups], 2)
+        dt = _best(lambda: _all_groups(total, groups, nb), 2)
         work = (nb * (nb + 1) / 2) / nb**2
         print(f"  upper triangle in {nb}x{nb} blocks ({work:.0%} of the full product): {dt:.2f} s, "
               f"{2 * TOKENS * INTER * INTER * work / dt / 1e9:.0f} GFLOP/s, same bits: {torch.equal(total, ref)}")
@@ -104,9 +112,12 @@ def cholesky_threads(H: torch.Tensor) -> None:
 
 
 def main() -> None:
+    from sparsegpt_export import hostmem
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {TOKENS} tokens")
-    block_forward()
-    cholesky_threads(hessian())
+    with hostmem.reuse_freed_memory():  # as the pipeline's CPU runs
+        block_forward()
+        cholesky_threads(hessian())
 
 
 if __name__ == "__main__":

@@ -89,8 +89,10 @@ def main() -> int:
             if res["rc"]:
                 raise SystemExit(f"{name} failed:\n{res['output'][-3000:]}")
             rep = report_of(out)
-            runs[name].append({"round": r + 1, "wall_s": res["wall_s"], "peak_rss_mb": res["peak_rss_mb"], "profile": rep["profile"],
-                               "compress_s": rep["summary"]["wall_s"], "mean_rel_error": rep["summary"]["mean_rel_error"]})
+            runs[name].append({"round": r + 1, **{k: res[k] for k in ("wall_s", "peak_rss_mb", "user_s", "sys_s",
+                                                                        "minor_faults")},
+                               "profile": rep["profile"], "compress_s": rep["summary"]["wall_s"],
+                               "mean_rel_error": rep["summary"]["mean_rel_error"]})
             print(name, runs[name][-1], flush=True)
     result = {"rounds": args.rounds, "abba": args.abba, "runs": runs,
               "round_ratios": [round(n["wall_s"] / b["wall_s"], 4) for b, n in zip(runs["base"], runs["new"])],
