@@ -109,6 +109,26 @@ def test_gpu_check_quick_on_cpu(tmp_path, capsys):
     assert printed.rstrip().endswith("raw logs)") and "| int4 2:4 |" in printed
 
 
+def test_gpu_check_runs_without_the_libraries_the_gpu_machine_lacks(tmp_path):
+    """The lent GPU machine has torch, triton, transformers, accelerate and onnx, but no optimum, datasets,
+    compressed-tensors or gguf: the package and the whole ``gpu-check`` (here ``--quick``, on CPU) run without them."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    code = ("import sys\n"
+            "for m in ('optimum', 'datasets', 'compressed_tensors', 'gguf'): sys.modules[m] = None\n"
+            "import sparsegpt_export, sparsegpt_export.cli, sparsegpt_export.quantizer\n"
+            "from benchmarks.__main__ import main\n"
+            f"sys.exit(main(['gpu-check', '--quick', '--out', {str(tmp_path)!r}]))\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=root,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root)] + sys.path)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / device_name("cpu") / "gpu_check.json").read_text())
+    assert res["quick"] and res["compress"] and res["gemm"] and res["e2e"]
+
+
 def test_gpu_check_needs_a_gpu_without_quick(capsys):
     import torch
 
