@@ -446,8 +446,16 @@ def _canonical_io_names(program) -> None:
 def _trace(model, layers: dict[str, dict], hf_config: dict, conv1d, onnx_quant: str, accuracy_level: int,
            opset: Optional[int], ort_fusions: Optional[str]):
     """The ``traced`` graph: transformers' ONNX exporter with marker ops, lowered; returns (model, byte counts)."""
-    from transformers.exporters import OnnxConfig, OnnxExporter
-    from transformers.exporters.exporter_dynamo import get_auto_dynamic_shapes
+    try:
+        from transformers.exporters import OnnxConfig, OnnxExporter
+        from transformers.exporters.exporter_dynamo import get_auto_dynamic_shapes
+    except ImportError as e:
+        import transformers
+
+        raise OnnxExportError(
+            f"the traced ONNX graph needs transformers' ONNX exporter (transformers.exporters, transformers 5.13 on), "
+            f"which transformers {transformers.__version__} lacks ({e}); upgrade transformers, or for a Llama, Qwen2 "
+            "or Mistral-style model export with --onnx-graph gqa") from None
 
     if layers:
         _marker_op()
@@ -469,11 +477,12 @@ def _trace(model, layers: dict[str, dict], hf_config: dict, conv1d, onnx_quant: 
         "input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto}, "position_ids": {0: auto, 1: auto},
         "past_key_values": batch_and_length(get_auto_dynamic_shapes(sample["past_key_values"])),
     }
+    fusions = {"ort_fusions": ort_fusions} if ort_fusions else {}  # (transformers >= 5.23 only: `_check_fusions`)
     with _translation_installed(), torch.no_grad():
         exported = OnnxExporter().export(
-            model, sample, OnnxConfig(dynamic=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
-                                      ort_fusions=ort_fusions))
-    program = exported.program
+            model, sample, OnnxConfig(dynamic=True, dynamic_shapes=dynamic_shapes, opset_version=opset, **fusions))
+    # an onnx_ir model: `.program` from transformers 5.23 on; before, torch's ONNXProgram, whose `.model` it is
+    program = exported.program if hasattr(exported, "program") else exported.model
     _canonical_io_names(program)
     nbytes = {"compressed_initializer_bytes": 0, "compressed_float32_bytes": 0}
     if layers:
@@ -495,6 +504,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, dtype: Any = None, ov
 
     src = Path(src)
     _check_options(onnx_graph, onnx_quant, dtype, accuracy_level)
+    _check_fusions(ort_fusions, onnx_graph)
     level_choice = "given"
     if accuracy_level == "auto":
         accuracy_level, level_choice = default_accuracy_level(src)
@@ -576,6 +586,26 @@ def _quantized_layers(src: Path, records: dict, conv1d: set, onnx_quant: str) ->
         layers[name] = {"codes": weight_codes(name, rec, w), "scales": rec.scales,
                         "zeros": None if rec.sym else rec.zeros, "group_size": rec.group_size}
     return layers
+
+
+def _check_fusions(ort_fusions: Optional[str], onnx_graph: str) -> None:
+    """``--ort-fusions`` needs an exporter that takes them (``OnnxConfig(ort_fusions=...)``, transformers 5.23 on):
+    refused before any work otherwise (with ``--onnx-graph gqa`` `_graph_kind` refuses the pair itself)."""
+    if not ort_fusions or onnx_graph == "gqa":
+        return
+    import inspect
+
+    import transformers
+
+    try:
+        from transformers.exporters import OnnxConfig
+        takes = "ort_fusions" in inspect.signature(OnnxConfig.__init__).parameters
+    except ImportError:  # no ONNX exporter at all (before transformers 5.13)
+        takes = False
+    if not takes:
+        raise OnnxExportError(f"--ort-fusions {ort_fusions}: transformers {transformers.__version__}'s ONNX exporter "
+                              "has no ONNX Runtime fusions (they came in transformers 5.23); upgrade transformers or "
+                              "drop --ort-fusions")
 
 
 def _graph_kind(src: Path, model, onnx_graph: str, onnx_quant: str, ort_fusions: Optional[str]) -> str:

@@ -330,12 +330,41 @@ def test_benchmark_helpers_measure_the_real_graph(compressed, exported):
     assert loop.decode(loop.prefill(ids), 10, 12) == tl.decode(tl.prefill(ids), 10, 12)
 
 
+def test_traced_graph_without_the_exporter_is_a_clear_error(compressed, tmp_path, monkeypatch):
+    """transformers before 5.13 has no ONNX exporter: the traced graph (and --ort-fusions) are refused by name, and
+    nothing is written."""
+    import sys
+
+    from sparsegpt_export.converters import onnx as onnx_export
+
+    tmp, _, _ = compressed
+    monkeypatch.setitem(sys.modules, "transformers.exporters", None)
+    with pytest.raises(onnx_export.OnnxExportError, match="traced ONNX graph needs transformers' ONNX exporter"):
+        onnx_export.export(tmp / "c", tmp_path / "t", onnx_graph="traced", accuracy_level=0)
+    with pytest.raises(onnx_export.OnnxExportError, match="--ort-fusions cpu: transformers"):
+        onnx_export.export(tmp / "c", tmp_path / "t", ort_fusions="cpu", accuracy_level=0)
+    assert not (tmp_path / "t").exists()
+
+
+def _exporter_has_fusions() -> bool:
+    import inspect
+
+    from transformers.exporters import OnnxConfig
+
+    return "ort_fusions" in inspect.signature(OnnxConfig.__init__).parameters
+
+
 def test_ort_fusions_keep_the_results(compressed, tmp_path):
     """--ort-fusions cpu: norms and rotary embeddings become ONNX Runtime ops; logits and greedy text unchanged."""
     from sparsegpt_export.converters import onnx as onnx_export
     from sparsegpt_export.onnx import OnnxCausalLM
 
     tmp, _, ref = compressed
+    if not _exporter_has_fusions():  # transformers < 5.23: refused before any work, nothing written
+        with pytest.raises(onnx_export.OnnxExportError, match="--ort-fusions cpu: transformers .* came in transformers 5.23"):
+            onnx_export.export(tmp / "c", tmp_path / "fused", accuracy_level=0, ort_fusions="cpu")
+        assert not (tmp_path / "fused").exists()
+        return
     onnx_export.export(tmp / "c", tmp_path / "fused", accuracy_level=0, ort_fusions="cpu")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "fused" / "model.onnx")).graph.node}
     assert {"MatMulNBits", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"} <= ops
