@@ -12,6 +12,25 @@ DATA = Path(os.environ.get("SPARSEGPT_DATA", ROOT.parent / "shared" / "data"))
 VOCAB = 272
 
 
+def old_interpreter() -> str | None:
+    """Why triton's interpreter cannot run the kernels here, or None. Before triton 3.7 it turns a scalar argument
+    into a Python int with ``int()`` of a one-element array, which numpy 2.4 refuses (TypeError inside every kernel
+    with a loop over a runtime bound). Read from the installed versions, without importing triton (the kernel tests
+    set ``TRITON_INTERPRET`` before its first import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        triton_v, numpy_v = version("triton"), version("numpy")
+    except PackageNotFoundError:
+        return None
+    if Version(triton_v).release < (3, 7) and Version(numpy_v).release >= (2, 4):
+        return (f"triton {triton_v}'s interpreter cannot run the kernels with numpy {numpy_v} (int() of a one-element "
+                "array; fixed in triton 3.7): pip install 'triton>=3.7'")
+    return None
+
+
 def _configs():
     from transformers import (FalconConfig, GPT2Config, GPTNeoXConfig, GemmaConfig, LlamaConfig, MistralConfig,
                               OPTConfig, Phi3Config, Qwen2Config, Qwen3Config)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import old_interpreter
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
@@ -23,9 +24,12 @@ WIDE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
 
 def _tol(dtype):
     return {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}[dtype]
+OLD_INTERPRETER = old_interpreter() if DEVICE == "cpu" else None
 needs_triton = pytest.mark.skipif(
-    not ops.triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
-    reason="needs triton (pip install '.[gpu]'), on CPU run with TRITON_INTERPRET=1 set before triton is imported")
+    not ops.triton_available() or (DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1")
+    or OLD_INTERPRETER is not None,
+    reason=OLD_INTERPRETER
+    or "needs triton (pip install '.[gpu]'), on CPU run with TRITON_INTERPRET=1 set before triton is imported")
 
 
 def _pruned(n, k, gen):

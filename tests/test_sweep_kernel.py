@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import old_interpreter
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
@@ -16,8 +17,9 @@ from sparsegpt_export.quant import QuantSpec  # noqa: E402
 from sparsegpt_export.solver import LayerTask, SolveOptions, SolverError, obs, solve_layer, sparsegpt_solve  # noqa: E402
 
 needs_interpreter = pytest.mark.skipif(
-    not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs triton (pip install '.[gpu]') and TRITON_INTERPRET=1 set before triton is imported")
+    not ops.triton_available() or os.environ.get("TRITON_INTERPRET") != "1" or old_interpreter() is not None,
+    reason=old_interpreter()
+    or "needs triton (pip install '.[gpu]') and TRITON_INTERPRET=1 set before triton is imported")
 
 
 def _layer(rows=24, cols=256, seed=0):
