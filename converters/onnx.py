@@ -588,24 +588,27 @@ def _quantized_layers(src: Path, records: dict, conv1d: set, onnx_quant: str) ->
     return layers
 
 
-def _check_fusions(ort_fusions: Optional[str], onnx_graph: str) -> None:
-    """``--ort-fusions`` needs an exporter that takes them (``OnnxConfig(ort_fusions=...)``, transformers 5.23 on):
-    refused before any work otherwise (with ``--onnx-graph gqa`` `_graph_kind` refuses the pair itself)."""
-    if not ort_fusions or onnx_graph == "gqa":
-        return
+def exporter_takes_fusions() -> bool:
+    """Whether transformers' ONNX exporter takes ONNX Runtime fusions (``OnnxConfig(ort_fusions=...)``, 5.23 on)."""
     import inspect
-
-    import transformers
 
     try:
         from transformers.exporters import OnnxConfig
-        takes = "ort_fusions" in inspect.signature(OnnxConfig.__init__).parameters
     except ImportError:  # no ONNX exporter at all (before transformers 5.13)
-        takes = False
-    if not takes:
-        raise OnnxExportError(f"--ort-fusions {ort_fusions}: transformers {transformers.__version__}'s ONNX exporter "
-                              "has no ONNX Runtime fusions (they came in transformers 5.23); upgrade transformers or "
-                              "drop --ort-fusions")
+        return False
+    return "ort_fusions" in inspect.signature(OnnxConfig.__init__).parameters
+
+
+def _check_fusions(ort_fusions: Optional[str], onnx_graph: str) -> None:
+    """``--ort-fusions`` refused before any work where the exporter does not take them (with ``--onnx-graph gqa``
+    `_graph_kind` refuses the pair itself)."""
+    if not ort_fusions or onnx_graph == "gqa" or exporter_takes_fusions():
+        return
+    import transformers
+
+    raise OnnxExportError(f"--ort-fusions {ort_fusions}: transformers {transformers.__version__}'s ONNX exporter has no "
+                          "ONNX Runtime fusions (they came in transformers 5.23); upgrade transformers or drop "
+                          "--ort-fusions")
 
 
 def _graph_kind(src: Path, model, onnx_graph: str, onnx_quant: str, ort_fusions: Optional[str]) -> str:

@@ -346,21 +346,13 @@ def test_traced_graph_without_the_exporter_is_a_clear_error(compressed, tmp_path
     assert not (tmp_path / "t").exists()
 
 
-def _exporter_has_fusions() -> bool:
-    import inspect
-
-    from transformers.exporters import OnnxConfig
-
-    return "ort_fusions" in inspect.signature(OnnxConfig.__init__).parameters
-
-
 def test_ort_fusions_keep_the_results(compressed, tmp_path):
     """--ort-fusions cpu: norms and rotary embeddings become ONNX Runtime ops; logits and greedy text unchanged."""
     from sparsegpt_export.converters import onnx as onnx_export
     from sparsegpt_export.onnx import OnnxCausalLM
 
     tmp, _, ref = compressed
-    if not _exporter_has_fusions():  # transformers < 5.23: refused before any work, nothing written
+    if not onnx_export.exporter_takes_fusions():  # transformers < 5.23: refused before any work, nothing written
         with pytest.raises(onnx_export.OnnxExportError, match="--ort-fusions cpu: transformers .* came in transformers 5.23"):
             onnx_export.export(tmp / "c", tmp_path / "fused", accuracy_level=0, ort_fusions="cpu")
         assert not (tmp_path / "fused").exists()
