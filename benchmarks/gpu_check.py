@@ -12,7 +12,9 @@ tables last. ``--quick`` runs tiny shapes; on a CPU it checks the harness only (
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import json
 import subprocess
 import sys
 import time
@@ -158,35 +160,34 @@ def table(res: dict) -> list[str]:
     return head + compress_table(res) + [""] + gemm_table(res) + [""] + e2e_table(res) + ([f"", f"note: {res['note']}"] if "note" in res else [])
 
 
-def plot(res: dict):
-    def draw(path: Path) -> None:
-        import matplotlib.pyplot as plt
+def draw(res: dict, path: Path) -> None:
+    """The gemm ratios against dense and the batch-1 decode rates, as a PNG."""
+    import matplotlib.pyplot as plt
 
-        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-        rows = [r for r in res["gemm"]["rows"] if "skipped" not in r and "eager" in r["dense"]]
-        for v, style in zip(serving.GEMM_VARIANTS[1:], ("--x", "-s", "-o")):
-            for shape in dict.fromkeys(r["shape"] for r in rows):
-                pts = [(r["tokens"], _t(r["dense"])[1]["median_ms"] / _t(r[v])[1]["median_ms"]) for r in rows
-                       if r["shape"] == shape and "eager" in r.get(v, {})]
-                if pts:
-                    a.plot(*zip(*pts), style, label=f"{v} {shape}")
-        a.axhline(1.0, color="gray", lw=0.8)
-        a.set_xscale("log", base=2)
-        a.set(title="gemm: x dense fp16", xlabel="tokens M")
-        a.legend(fontsize=6)
-        labels, vals = [], []
-        for row in res["e2e"]:
-            for v in serving.E2E_VARIANTS:
-                c = row.get(v, {}).get("decode_b1_compiled") or row.get(v, {}).get("decode_b1_eager") or {}
-                if "tokens_per_s" in c:
-                    labels.append(f"{row['model']}\n{v}")
-                    vals.append(c["tokens_per_s"])
-        b.bar(range(len(vals)), vals)
-        b.set_xticks(range(len(vals)), labels, fontsize=6, rotation=45, ha="right")
-        b.set(title="decode batch 1 (compiled where CUDA), tokens/s")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    return draw
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = [r for r in res["gemm"]["rows"] if "skipped" not in r and "eager" in r["dense"]]
+    for v, style in zip(serving.GEMM_VARIANTS[1:], ("--x", "-s", "-o")):
+        for shape in dict.fromkeys(r["shape"] for r in rows):
+            pts = [(r["tokens"], _t(r["dense"])[1]["median_ms"] / _t(r[v])[1]["median_ms"]) for r in rows
+                   if r["shape"] == shape and "eager" in r.get(v, {})]
+            if pts:
+                a.plot(*zip(*pts), style, label=f"{v} {shape}")
+    a.axhline(1.0, color="gray", lw=0.8)
+    a.set_xscale("log", base=2)
+    a.set(title="gemm: x dense fp16", xlabel="tokens M")
+    a.legend(fontsize=6)
+    labels, vals = [], []
+    for row in res["e2e"]:
+        for v in serving.E2E_VARIANTS:
+            c = row.get(v, {}).get("decode_b1_compiled") or row.get(v, {}).get("decode_b1_eager") or {}
+            if "tokens_per_s" in c:
+                labels.append(f"{row['model']}\n{v}")
+                vals.append(c["tokens_per_s"])
+    b.bar(range(len(vals)), vals)
+    b.set_xticks(range(len(vals)), labels, fontsize=6, rotation=45, ha="right")
+    b.set(title="decode batch 1 (compiled where CUDA), tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 class _Tee(io.TextIOBase):
@@ -206,6 +207,13 @@ def main(device: str, quick: bool, budget: float, out: Path) -> int:
     with open(folder / "gpu_check.log", "w") as log, contextlib.redirect_stdout(_Tee(sys.stdout, log)):
         res = check(device, quick, budget, folder)
         lines = table(res)
-        write_results("gpu_check", device, res, lines, Path(out), plot(res))
+        try:
+            write_results("gpu_check", device, res, lines, Path(out), functools.partial(draw, res))
+        except ValueError as e:  # a figure that is not finite: keep the window's run, marked, rather than lose it
+            res["invalid"] = str(e)
+            (folder / "gpu_check.unchecked.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+            (folder / "gpu_check.md").write_text("\n".join(lines + ["", f"INVALID: {e}"]) + "\n")
+            print("\n" + "\n".join(lines + ["", f"INVALID: {e}; everything is in {folder}/gpu_check.unchecked.json"]))
+            return 1
         print("\n" + "\n".join(lines + ["", f"(written to {folder}/gpu_check.json/.md/.png and the raw logs)"]))
     return 0 if res["tests"]["rc"] in (0, 5) else 1

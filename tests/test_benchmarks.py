@@ -129,6 +129,34 @@ def test_gpu_check_runs_without_the_libraries_the_gpu_machine_lacks(tmp_path):
     assert res["quick"] and res["compress"] and res["gemm"] and res["e2e"]
 
 
+def test_gpu_check_keeps_a_run_with_a_failed_build_or_a_nan(tmp_path, monkeypatch, capsys):
+    """A GPU window is run once: a model that fails to build is a skipped row, a NaN layer output is not timed, and
+    a figure that is not finite (here the compress row's error) still leaves everything on disk, marked invalid."""
+    import torch
+
+    from benchmarks import compress_row, serving
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: gpu-check --quick would run on it")
+    x = torch.ones(2, 8)
+    cell = serving._cell(lambda t: t * float("nan"), x, x, "cpu", {"kernel": "k"}, 1.0)
+    assert "relative error nan" in cell["skipped"] and "eager" not in cell
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    real = compress_row.compress_row
+    monkeypatch.setattr(serving, "build_llama", oom)
+    monkeypatch.setattr(compress_row, "compress_row", lambda *a: {**real(*a), "mean_rel_error": float("nan")})
+    assert main(["gpu-check", "--quick", "--out", str(tmp_path)]) == 1
+    folder = tmp_path / device_name("cpu")
+    assert not (folder / "gpu_check.json").exists()  # nothing that looks checked
+    res = json.loads((folder / "gpu_check.unchecked.json").read_text())
+    assert "mean_rel_error is nan" in res["invalid"]
+    assert "OutOfMemoryError" in res["e2e"][0]["skipped"] and res["gemm"]["rows"]
+    assert "INVALID" in (folder / "gpu_check.md").read_text() and "INVALID" in capsys.readouterr().out
+
+
 def test_gpu_check_needs_a_gpu_without_quick(capsys):
     import torch
 

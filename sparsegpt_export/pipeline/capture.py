@@ -24,12 +24,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.T
         captured.append((hs, {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}))
         raise _StopForward
 
-    block_params = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
-    moved = []
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in block_params and t.device != device and t.device.type != "meta":
-            moved.append((t, t.device))
-            t.data = t.data.to(device)
+    moved = move_outside_blocks(model, blocks, device)
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for i in range(0, calib.shape[0], batch):
@@ -41,9 +36,24 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib: torch.T
                 raise UnsupportedModelError(f"{type(model).__name__}: the forward never reached the first block")
     finally:
         handle.remove()
-        for t, dev in moved:
-            t.data = t.data.to(dev)
+        move_back(moved)
     return captured
+
+
+def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> list:
+    """Move everything but the blocks (embeddings, rotary tables) to ``device``; returns what `move_back` restores."""
+    inside = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
+    moved = []
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in inside and t.device != device and t.device.type != "meta":
+            moved.append((t, t.device))
+            t.data = t.data.to(device)
+    return moved
+
+
+def move_back(moved: list) -> None:
+    for t, dev in moved:
+        t.data = t.data.to(dev)
 
 
 def _cut(v, b: int):

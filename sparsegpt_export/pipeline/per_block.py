@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from ..families import block_inputs
-
-DROPPED = ("past_key_value", "past_key_values", "cache", "layer_past")
+from .capture import CACHE_KWARGS, move_back, move_outside_blocks
 
 
 class _Stop(Exception):
@@ -42,6 +41,35 @@ def _identity_pair(*args: Any, **kwargs: Any) -> Any:
     return _identity(*args, **kwargs), None
 
 
+class _KwargsRecorder:
+    """A forward pre-hook for every block: each block's keyword arguments go into ``row`` (one chunk's); the last
+    block stops the forward."""
+
+    def __init__(self, blocks: nn.ModuleList):
+        self.last = blocks[len(blocks) - 1]
+        self.row: list[dict] = []
+        self.handles = [b.register_forward_pre_hook(self.hook, with_kwargs=True) for b in blocks]
+
+    def hook(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        _, kw = block_inputs(block, args, kwargs)
+        self.row.append({k: v for k, v in kw.items() if k not in CACHE_KWARGS})
+        if block is self.last:
+            raise _Stop
+
+    def chunk(self, model: nn.Module, ids: torch.Tensor) -> Optional[list[dict]]:
+        """One chunk's forward: every block's keyword arguments, or None when the last block was never called."""
+        self.row = []
+        try:
+            model(input_ids=ids, use_cache=False)
+        except _Stop:
+            return self.row
+        return None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.no_grad()
 def per_block_kwargs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tensor, batch: int,
                      device: torch.device) -> Optional[list[list[dict]]]:
@@ -49,52 +77,28 @@ def per_block_kwargs(model: nn.Module, blocks: nn.ModuleList, calib: torch.Tenso
     (or its forward does not run with identity blocks: the first block's arguments are then used for all)."""
     if not needs_per_block_kwargs(model):
         return None
-    out: list[list[dict]] = []
-    row: list[dict] = []
-
-    def make_hook(i: int):
-        def hook(block, args, kwargs):
-            _, kw = block_inputs(block, args, kwargs)
-            row.append({k: v for k, v in kw.items() if k not in DROPPED})
-            if i == len(blocks) - 1:
-                raise _Stop
-        return hook
-
-    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    moved = _to_device(model, blocks, device)
+    out: Optional[list[list[dict]]] = []
+    recorder = _KwargsRecorder(blocks)
+    moved = move_outside_blocks(model, blocks, device)
     try:
         for identity in (_identity, _identity_pair):
             for b in blocks:
                 b.forward = identity
             out = []
             for i in range(0, calib.shape[0], batch):
-                row = []
                 try:
-                    model(input_ids=calib[i:i + batch].to(device), use_cache=False)
-                    return None  # the last block was never called
-                except _Stop:
-                    out.append(row)
+                    row = recorder.chunk(model, calib[i:i + batch].to(device))
                 except Exception:  # noqa: BLE001  (the model's loop wants another block output: the next identity)
                     out = None
                     break
+                if row is None:
+                    return None  # the last block was never called
+                out.append(row)
             if out is not None:
                 break
     finally:
         for b in blocks:
             b.__dict__.pop("forward", None)
-        for h in handles:
-            h.remove()
-        for t, dev in moved:
-            t.data = t.data.to(dev)
+        recorder.remove()
+        move_back(moved)
     return out if out and all(len(r) == len(blocks) for r in out) else None  # None: keep the first block's
-
-
-def _to_device(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> list:
-    """Move everything but the blocks to ``device``; returns what to move back."""
-    inside = {id(p) for p in blocks.parameters()} | {id(b) for b in blocks.buffers()}
-    moved = []
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in inside and t.device != device and t.device.type != "meta":
-            moved.append((t, t.device))
-            t.data = t.data.to(device)
-    return moved
