@@ -47,16 +47,20 @@ def _plan(cuda: bool, quick: bool) -> dict[str, Any]:
             "tests": ["tests/test_cuda.py", "tests/test_kernels.py"]}
 
 
+def _decoded(out: str | bytes | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
 def run_tests(files: list[str], limit: float, log: Path) -> dict[str, Any]:
     """The CUDA tests in a subprocess, cut at ``limit`` seconds; the raw output goes to ``log``."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files]
-    t0 = time.monotonic()
+    t0, limit = time.monotonic(), max(5.0, limit)
     try:
-        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(5.0, limit))
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
         text, rc = out.stdout + out.stderr, out.returncode
-    except subprocess.TimeoutExpired as e:
-        text, rc = f"{e.stdout or ''}{e.stderr or ''}\n(cut at {limit:.0f} s)", -1
-    log.write_text(f"$ {' '.join(cmd)}\n{text}" if isinstance(text, str) else str(text))
+    except subprocess.TimeoutExpired as e:  # its output may come as bytes even with text=True
+        text, rc = f"{_decoded(e.stdout)}{_decoded(e.stderr)}\n(cut at {limit:.0f} s)", -1
+    log.write_text(f"$ {' '.join(cmd)}\n{text}")
     last = [line for line in str(text).strip().splitlines() if line.strip()][-1:] or ["(no output)"]
     return {"command": " ".join(cmd[1:]), "rc": rc, "summary": last[0], "wall_s": round(time.monotonic() - t0, 1)}
 

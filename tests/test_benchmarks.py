@@ -157,6 +157,18 @@ def test_gpu_check_keeps_a_run_with_a_failed_build_or_a_nan(tmp_path, monkeypatc
     assert "INVALID" in (folder / "gpu_check.md").read_text() and "INVALID" in capsys.readouterr().out
 
 
+def test_gpu_check_tests_step_cut_at_its_limit(tmp_path):
+    """The tests step of gpu-check is cut at its share of the budget: what pytest printed so far is kept, as text."""
+    from benchmarks.gpu_check import run_tests
+
+    slow = tmp_path / "test_slow.py"
+    slow.write_text("import time\n\ndef test_a():\n    print('started', flush=True)\n    time.sleep(60)\n")
+    res = run_tests([str(slow), "-s"], 1.0, tmp_path / "tests.log")
+    log = (tmp_path / "tests.log").read_text()
+    assert res["rc"] == -1 and res["summary"] == "(cut at 5 s)"  # 5 s at the least
+    assert "started" in log and "(cut at 5 s)" in log and "b'" not in log and "\\n" not in log
+
+
 def test_gpu_check_needs_a_gpu_without_quick(capsys):
     import torch
 
